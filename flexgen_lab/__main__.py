@@ -1,0 +1,156 @@
+"""Command line: python -m flexgen_lab COMMAND [Hydra overrides]
+
+    python -m flexgen_lab run                                  # the built-in default run
+    python -m flexgen_lab run schedule=zigzag compress=none model=opt-1.3b
+    python -m flexgen_lab run --multirun policy.gpu_batch_size=1,2,4
+    python -m flexgen_lab run --multirun hydra/launcher=joblib policy.gpu_batch_size=1,2,4
+    python -m flexgen_lab run --help                           # config groups and options
+    python -m flexgen_lab run --cfg job                        # the composed config
+    python -m flexgen_lab table [store.path=FILE] [limit=N]    # recent runs
+
+Hydra reads conf/ at the repository's top level (found from this file, so any working
+directory works for source and editable installs); `--config-dir DIR` adds another directory
+of presets, `--config-path DIR` replaces conf/.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+COMMANDS = ("run", "table", "search", "reproduce", "plot", "calibrate")
+NOT_BUILT = {
+    "search": "the cost model and LP policy search",
+    "reproduce": "experiment reproduction",
+    "plot": "plots",
+    "calibrate": "hardware calibration",
+}
+
+
+def _usage() -> str:
+    return (__doc__ or "").strip() + "\n\ncommands: " + ", ".join(COMMANDS) + "\n"
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"flexgen_lab: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def to_run_config(cfg):
+    """The composed DictConfig -> a plain RunConfig; keys outside the schema are refused."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from flexgen_lab.config import ConfigError, RunConfig
+
+    unknown = _unknown_keys(OmegaConf.to_container(cfg, resolve=False), RunConfig)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)} "
+                          "(see `python -m flexgen_lab run --cfg job` for the valid keys)")
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(err).splitlines()[0]) from None
+
+
+def _unknown_keys(data: dict, schema, prefix: str = "") -> list[str]:
+    """Keys in `data` that the dataclass `schema` does not declare (e.g. from `+key=value`)."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    unknown = []
+    for key, value in data.items():
+        if key not in fields:
+            unknown.append(f"{prefix}{key}")
+            continue
+        factory = fields[key].default_factory
+        child = factory() if callable(factory) else None
+        if isinstance(value, dict) and dataclasses.is_dataclass(child):
+            unknown += _unknown_keys(value, type(child), f"{prefix}{key}.")
+    return unknown
+
+
+def _run_task(cfg) -> dict:
+    """Hydra's task: convert once, run, print a summary. Config errors exit 2, no traceback."""
+    from flexgen_lab.config import ConfigError
+    from flexgen_lab.runner import RunFailed, run
+
+    try:
+        run_cfg = to_run_config(cfg)
+        result = run(run_cfg)
+    except ConfigError as err:
+        _fail(str(err), 2)
+    except RunFailed as err:
+        message = f"run failed ({err.status}, stored as run_id {err.run_id}): {err}"
+        if _in_multirun():  # let the sweep go on; Hydra exits non-zero at its end
+            raise RuntimeError(message) from None
+        _fail(message, 1)
+    print(_summary(result, run_cfg.store.path))
+    return result.row
+
+
+def _summary(result, store_path: str) -> str:
+    r = result.row
+    return (f"{r['model']} {r['system']} on {r['device']} ({r['dtype']}), "
+            f"{r['num_prompts']} prompts x {r['prompt_len']}+{r['gen_len']} tokens: "
+            f"generation {r['generation_throughput']:.2f} token/s, "
+            f"prefill {r['prefill_throughput']:.1f} token/s ({r['prefill_s']:.3f} s), "
+            f"decode {r['decode_throughput'] or 0:.2f} token/s ({r['decode_s']:.3f} s) "
+            f"[measured]\nstored as run_id {result.run_id} in {store_path}")
+
+
+def run_command() -> None:
+    import hydra
+
+    from flexgen_lab.config import register_configs
+
+    register_configs()
+    hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_run_task)()
+
+
+def table_command(args: list[str]) -> None:
+    """Print recent runs: table [store.path=FILE] [limit=N]."""
+    from flexgen_lab.config import StoreConfig
+    from flexgen_lab.results.store import ResultStore
+    from flexgen_lab.results.tables import format_table, recent_runs
+
+    options = {"store.path": StoreConfig().path, "limit": "20"}
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key not in options or not value:
+            _fail(f"table: unknown argument {arg!r}; allowed: store.path=FILE, limit=N", 2)
+        options[key] = value
+    if not options["limit"].isdigit():
+        _fail(f"table: limit={options['limit']!r} must be a positive integer", 2)
+    if not Path(options["store.path"]).exists():
+        _fail(f"table: no results store at {options['store.path']} (run something first)", 2)
+    print(format_table(recent_runs(ResultStore(options["store.path"]), int(options["limit"]))))
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        sys.exit(0 if args else 2)
+    command = args[0]
+    if command not in COMMANDS:
+        _fail(f"unknown command {command!r}; allowed: {', '.join(COMMANDS)}", 2)
+    if command in NOT_BUILT:
+        _fail(f"'{command}' is not built yet ({NOT_BUILT[command]})", 2)
+    if command == "table":
+        table_command(args[1:])
+        return
+    sys.argv = [f"{sys.argv[0]} {command}", *args[1:]]
+    run_command()
+
+
+if __name__ == "__main__":
+    main()

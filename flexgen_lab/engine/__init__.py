@@ -1,0 +1,1 @@
+"""The engine: policies, tiers, schedules and the generation loop that executes them."""

@@ -1,0 +1,1 @@
+"""Model shapes, tensor math and weight sources (the bottom of the import graph)."""

@@ -1,0 +1,312 @@
+"""One run: config -> checks -> weights and prompts -> generation -> metrics -> one stored row.
+
+Every run ends as exactly one row in the results store, ok or not: a failure is stored with
+status error (or oom) and its message, then re-raised; earlier rows are never touched.
+
+    python -m flexgen_lab run model=opt-1.3b workload.prompt_len=512
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexgen_lab import __version__, workload
+from flexgen_lab.config import ConfigError, RunConfig, model_spec, parse_bytes, validate
+from flexgen_lab.engine.engine import Callbacks, Engine, Generation, Sampling
+from flexgen_lab.engine.memory import PeakRSS
+from flexgen_lab.engine.policy import Placement, Policy
+from flexgen_lab.models.spec import ModelSpec
+from flexgen_lab.models.weights import open_weights
+from flexgen_lab.results.store import ResultStore
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NotBuiltError(ConfigError):
+    """The configuration asks for a feature flexgen_lab does not have yet."""
+
+
+class RunFailed(RuntimeError):
+    """A run raised; its row is stored with the status and message. `run_id` names the row."""
+
+    def __init__(self, message: str, run_id: int, status: str):
+        super().__init__(message)
+        self.run_id, self.status = run_id, status
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    row: dict
+    generation: Generation
+
+
+def compute_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """auto = float16 on CUDA, float32 on the CPU (the row stores the resolved name)."""
+    if name != "auto":
+        return name
+    return "float16" if device.type == "cuda" else "float32"
+
+
+def to_policy(cfg: RunConfig) -> Policy:
+    """The engine's Policy from a validated manual policy config."""
+    p = cfg.policy
+    return Policy(
+        gpu_batch_size=p.gpu_batch_size, num_gpu_batches=p.num_gpu_batches,
+        weights=Placement(p.weights.gpu, p.weights.cpu), cache=Placement(p.cache.gpu, p.cache.cpu),
+        activations=Placement(p.activations.gpu, p.activations.cpu), overlap=p.overlap,
+        cpu_delegation=bool(p.cpu_delegation), attn_sparsity=p.attn_sparsity,
+        attn_renormalize=p.attn_renormalize, compress_weight=bool(p.compress_weight),
+        compress_cache=bool(p.compress_cache), compress_bits=p.compress_bits,
+        compress_group_size=p.compress_group_size, pin_memory=p.pin_memory,
+    )
+
+
+def check_built(cfg: RunConfig) -> None:
+    """Refuse, by name, every option that is configured but not implemented yet."""
+    p = cfg.policy
+    missing = []
+    if cfg.backend.name != "measured":
+        missing.append(f"backend={cfg.backend.name} (the simulator)")
+    if cfg.system.name not in ("flexgen_lab", "hf"):
+        missing.append(f"system={cfg.system.name} (that baseline)")
+    if cfg.distributed.name != "none":
+        missing.append(f"distributed={cfg.distributed.name} (pipeline parallelism)")
+    if p.name == "search":
+        missing.append("policy=search (the cost model and LP search)")
+    if not to_policy(cfg).all_resident:
+        missing.append("offloaded placements (policy.*.gpu < 1: the offloading engine)")
+    if p.compress_weight or p.compress_cache:
+        missing.append("compression (compress=weight|cache|both)")
+    if p.attn_sparsity < 1.0:
+        missing.append("sparse attention (policy.attn_sparsity < 1)")
+    if missing:
+        raise NotBuiltError("not built yet: " + "; ".join(missing))
+
+
+def check_budgets(cfg: RunConfig, device: torch.device) -> dict[str, int]:
+    """Tier budgets in bytes; a measured run may not promise more than this machine has."""
+    budgets = {tier: parse_bytes(getattr(cfg.hardware, f"{tier}_mem"), f"hardware.{tier}_mem")
+               for tier in ("gpu", "cpu", "disk")}
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cuda":
+        limits = {"gpu": torch.cuda.get_device_properties(device).total_memory, "cpu": ram}
+    else:  # without a GPU the gpu tier is a budget inside host memory
+        limits = {"gpu": ram, "cpu": ram - budgets["gpu"]}
+    limits["disk"] = shutil.disk_usage(_existing_parent(cfg.engine.offload_dir)).total
+    for tier, limit in limits.items():
+        if budgets[tier] > limit:
+            raise ConfigError(
+                f"hardware.{tier}_mem={getattr(cfg.hardware, tier + '_mem')!r} "
+                f"({budgets[tier]} bytes) exceeds this machine's {limit} bytes for the {tier} "
+                f"tier (hardware={cfg.hardware.name}); a measured run needs hardware=local or "
+                "smaller budgets (backend=simulated accepts any profile)")
+    return budgets
+
+
+def _existing_parent(path: str) -> Path:
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def config_hash(cfg: RunConfig, dtype: str) -> str:
+    """sha256 of the resolved config (store settings excluded) and the major.minor version."""
+    data = dataclasses.asdict(cfg)
+    data.pop("store")
+    data["dtype"] = dtype
+    major_minor = ".".join(__version__.split(".")[:2])
+    text = json.dumps({"config": data, "version": major_minor}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name(device)}"
+    return "cpu"
+
+
+def config_columns(cfg: RunConfig, spec: ModelSpec, dtype: str, device: torch.device,
+                   budgets: dict[str, int]) -> dict:
+    """The store's flat config columns (the whole config also goes in config_json)."""
+    p = to_policy(cfg)
+    block = p.block_size
+    compress = ("weight+cache" if p.compress_weight and p.compress_cache else
+                "weight" if p.compress_weight else "cache" if p.compress_cache else "none")
+    return dict(
+        config_hash=config_hash(cfg, dtype), config_json=json.dumps(dataclasses.asdict(cfg)),
+        system=cfg.system.name, backend=cfg.backend.name, device=device_name(device),
+        hardware=cfg.hardware.name, dtype=dtype, seed=cfg.seed, model=spec.name,
+        schedule=cfg.schedule.name, compress=compress, compress_bits=p.compress_bits,
+        compress_group=p.compress_group_size, prompt_len=cfg.workload.prompt_len,
+        gen_len=cfg.workload.gen_len, num_prompts=cfg.workload.num_prompts or block,
+        gpu_batch_size=p.gpu_batch_size, num_gpu_batches=p.num_gpu_batches,
+        w_gpu=p.weights.gpu, w_cpu=p.weights.cpu, w_disk=p.weights.disk,
+        c_gpu=p.cache.gpu, c_cpu=p.cache.cpu, c_disk=p.cache.disk,
+        a_gpu=p.activations.gpu, a_cpu=p.activations.cpu, a_disk=p.activations.disk,
+        cpu_delegation=p.cpu_delegation, overlap=p.overlap, attn_sparsity=p.attn_sparsity,
+        gpu_budget_bytes=budgets["gpu"], cpu_budget_bytes=budgets["cpu"],
+        disk_budget_bytes=budgets["disk"], version=__version__, git_commit=git_commit(),
+    )
+
+
+def metrics(gen: Generation, num_prompts: int, prompt_len: int, gen_len: int) -> dict:
+    """The paper's definitions (facts §2), over every decode step."""
+    latency = gen.prefill_s + gen.decode_s
+    return dict(
+        prefill_s=gen.prefill_s, decode_s=gen.decode_s, latency_s=latency,
+        prefill_throughput=num_prompts * prompt_len / gen.prefill_s,
+        decode_throughput=num_prompts * (gen_len - 1) / gen.decode_s if gen_len > 1 else None,
+        generation_throughput=num_prompts * gen_len / latency,
+    )
+
+
+def make_prompts(cfg: RunConfig, spec: ModelSpec, num_prompts: int):
+    w = cfg.workload
+    if w.prompts == "text":
+        return workload.text_prompts(cfg.model.path, spec, num_prompts, w.prompt_len)
+    return workload.synthetic_prompts(spec, num_prompts, w.prompt_len, cfg.seed, w.varied_lengths)
+
+
+def prepare(cfg: RunConfig) -> tuple[ModelSpec, torch.device, str, dict[str, int]]:
+    """Every check that can fail before work starts: values, features, budgets."""
+    spec = validate(cfg)
+    if cfg.model.name == "local" and not cfg.model.path:
+        raise ConfigError("model=local needs model.path=DIR (config.json + *.safetensors)")
+    check_built(cfg)
+    device = compute_device()
+    return spec, device, resolve_dtype(cfg.dtype, device), check_budgets(cfg, device)
+
+
+def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
+    """Run one configuration and store its row; raises ConfigError before any work if invalid."""
+    spec, device, dtype, budgets = prepare(cfg)
+    store = ResultStore(cfg.store.path)
+    row = config_columns(cfg, spec, dtype, device, budgets)
+    tracer = TraceRecorder() if cfg.trace else None
+    try:
+        progress = ProgressBar(cfg, spec) if cfg.system.name == "flexgen_lab" else None
+        with progress or contextlib.nullcontext():
+            gen, peaks, ids, mask = _execute(cfg, spec, device, dtype,
+                                             _chain(callbacks, tracer, progress))
+    except BaseException as err:  # KeyboardInterrupt too: the row says how the run ended
+        status = "oom" if type(err).__name__ == "BudgetExceeded" else "error"
+        message = f"{type(err).__name__}: {err}"
+        run_id = store.record_run({**row, "status": status, "error": message})
+        raise RunFailed(message, run_id, status) from err
+    row |= {"status": "ok", **metrics(gen, len(ids), cfg.workload.prompt_len,
+                                      cfg.workload.gen_len), **peaks}
+    tokens = [(n, prompt, out) for n, (prompt, out) in
+              enumerate(zip(workload.unpadded(ids, mask), gen.output_ids.tolist(), strict=True))]
+    run_id = store.record_run(row, tokens=tokens, trace=tracer.rows if tracer else None)
+    return RunResult(run_id, row, gen)
+
+
+def _execute(cfg: RunConfig, spec: ModelSpec, device: torch.device, dtype: str,
+             callbacks: Callbacks | None):
+    """Build weights, prompts and the system; generate once; measure memory around it."""
+    policy = to_policy(cfg)
+    num_prompts = cfg.workload.num_prompts or policy.block_size
+    ids, mask = make_prompts(cfg, spec, num_prompts)
+    weights = open_weights(spec.name, cfg.model.path, cfg.seed)
+    torch_dtype = TORCH_DTYPES[dtype]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode(), PeakRSS() as rss:
+        if cfg.system.name == "hf":
+            from flexgen_lab.baselines import hf_generate
+
+            model = hf_generate.hf_model(spec, weights, torch_dtype, device)
+            gen = hf_generate.generate(model, ids, mask, cfg.workload.gen_len,
+                                       policy.gpu_batch_size)
+        else:
+            engine = Engine(spec, weights, policy, cfg.schedule.name, device, torch_dtype,
+                            callbacks)
+            sampling = Sampling(cfg.workload.temperature, cfg.seed, cfg.workload.stop_token)
+            gen = engine.generate(ids, mask, cfg.workload.gen_len, sampling)
+    peaks = {"peak_rss_bytes": rss.peak_bytes,
+             "peak_cuda_bytes": torch.cuda.max_memory_allocated(device)
+             if device.type == "cuda" else None}
+    return gen, peaks, ids, mask
+
+
+class TraceRecorder(Callbacks):
+    """Collects the engine's compute steps as trace rows (DESIGN.md's trace table)."""
+
+    def __init__(self):
+        self.origin = time.perf_counter()
+        self.rows: list[dict] = []
+
+    def on_step(self, step, start_s: float, end_s: float) -> None:
+        self.rows.append(dict(rank=0, stage=0, device="compute", op="compute",
+                              token=step.token, layer=step.layer, batch=step.batch, link=None,
+                              bytes=0, start_s=start_s - self.origin, end_s=end_s - self.origin))
+
+
+class ProgressBar(Callbacks):
+    """A tqdm bar over compute steps; it shows only on a terminal and for long runs."""
+
+    def __init__(self, cfg: RunConfig, spec: ModelSpec):
+        from tqdm import tqdm
+
+        p = cfg.policy
+        blocks = (cfg.workload.num_prompts or p.gpu_batch_size * p.num_gpu_batches) // (
+            p.gpu_batch_size * p.num_gpu_batches)
+        total = blocks * cfg.workload.gen_len * (spec.num_layers + 2) * p.num_gpu_batches
+        self.bar = tqdm(total=total, unit="step", desc="generate", disable=None, delay=2.0,
+                        leave=False)
+
+    def on_step(self, step, start_s, end_s) -> None:
+        self.bar.update()
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
+class CallbackList(Callbacks):
+    def __init__(self, items: list[Callbacks]):
+        self.items = items
+
+    def on_logits(self, token, batch, logits) -> None:
+        for item in self.items:
+            item.on_logits(token, batch, logits)
+
+    def on_step(self, step, start_s, end_s) -> None:
+        for item in self.items:
+            item.on_step(step, start_s, end_s)
+
+
+def _chain(*callbacks: Callbacks | None) -> Callbacks | None:
+    items = [c for c in callbacks if c is not None]
+    return CallbackList(items) if len(items) > 1 else (items[0] if items else None)
+
+
+__all__ = ["run", "prepare", "RunResult", "RunFailed", "NotBuiltError", "model_spec"]
