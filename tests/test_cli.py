@@ -1,0 +1,144 @@
+"""The command line end to end, in subprocesses, from a directory other than the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from flexgen_lab.results.store import ResultStore
+from tests.conftest import python_cli
+
+TINY = ["model=opt-tiny", "workload=tiny"]
+
+
+def cli(tmp_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(python_cli(*args), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_run_stores_a_row_and_prints_a_summary(tmp_path):
+    db = tmp_path / "r.sqlite"
+    out = cli(tmp_path, "run", *TINY, f"store.path={db}", "schedule=row_by_row")
+    assert out.returncode == 0, out.stderr
+    assert "token/s" in out.stdout and "[measured]" in out.stdout and str(db) in out.stdout
+    runs = ResultStore(db).runs()
+    assert list(runs.status) == ["ok"] and runs.schedule[0] == "row_by_row"
+    assert runs.generation_throughput[0] > 0
+    assert len(ResultStore(db).tokens(int(runs.run_id[0]))) == 4
+
+
+def test_config_error_exits_2_without_traceback(tmp_path):
+    out = cli(tmp_path, "run", *TINY, "policy.weights.gpu=1.5", f"store.path={tmp_path}/r.sqlite")
+    assert out.returncode == 2
+    assert "policy.weights.gpu=1.5" in out.stderr and "[0, 1]" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not (tmp_path / "r.sqlite").exists(), "nothing may run before validation passes"
+
+
+def test_not_built_option_fails_loudly(tmp_path):
+    out = cli(tmp_path, "run", *TINY, "backend=simulated")
+    assert out.returncode == 2
+    assert "not built yet" in out.stderr and "backend=simulated" in out.stderr
+
+
+def broken_checkpoint(hf_checkpoint, tmp_path: Path) -> Path:
+    """A valid config.json whose weights lack one tensor: it fails only once loading starts."""
+    src, _ = hf_checkpoint("opt-odd")
+    dst = tmp_path / "broken"
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    tensors.pop("model.decoder.layers.1.fc1.weight")
+    save_file(tensors, dst / "model.safetensors")
+    return dst
+
+
+def test_failed_run_is_stored_as_error_and_keeps_earlier_rows(tmp_path, hf_checkpoint):
+    db = tmp_path / "r.sqlite"
+    assert cli(tmp_path, "run", *TINY, f"store.path={db}").returncode == 0
+    broken = broken_checkpoint(hf_checkpoint, tmp_path)
+    out = cli(tmp_path, "run", "model=local", f"model.path={broken}", "workload=tiny",
+              f"store.path={db}")
+    assert out.returncode == 1
+    assert "layers.1.fc1.weight" in out.stderr and "stored as run_id 2" in out.stderr
+    runs = ResultStore(db).runs()
+    assert list(runs.status) == ["ok", "error"]
+    assert "layers.1.fc1.weight" in runs.error[1]
+    assert runs.generation_throughput[0] > 0
+
+
+@pytest.mark.slow
+def test_multirun_with_joblib_stores_every_job(tmp_path):
+    db = tmp_path / "r.sqlite"
+    out = cli(tmp_path, "run", "--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+              "policy.gpu_batch_size=1,2,3", *TINY, f"store.path={db}")
+    assert out.returncode == 0, out.stderr
+    runs = ResultStore(db).runs()
+    assert sorted(runs.gpu_batch_size) == [1, 2, 3] and set(runs.status) == {"ok"}
+
+
+def test_multirun_goes_on_after_a_failed_job_and_exits_nonzero(tmp_path, hf_checkpoint):
+    db = tmp_path / "r.sqlite"
+    broken = broken_checkpoint(hf_checkpoint, tmp_path)
+    good = Path(hf_checkpoint("opt-odd")[0])
+    out = cli(tmp_path, "run", "--multirun", "model=local", f"model.path={broken},{good}",
+              "workload=tiny", f"store.path={db}")
+    assert out.returncode != 0
+    assert sorted(ResultStore(db).runs().status) == ["error", "ok"]
+
+
+def test_help_lists_config_groups_and_cfg_prints_the_config(tmp_path):
+    out = cli(tmp_path, "run", "--help")
+    assert out.returncode == 0
+    for group in ("model", "hardware", "policy", "schedule", "compress", "workload", "backend",
+                  "system", "distributed", "store"):
+        assert f"{group}:" in out.stdout
+    cfg = cli(tmp_path, "run", "--cfg", "job", "policy.gpu_batch_size=7")
+    assert cfg.returncode == 0 and "gpu_batch_size: 7" in cfg.stdout
+
+
+def test_table_prints_recent_runs(tmp_path):
+    db = tmp_path / "r.sqlite"
+    assert cli(tmp_path, "run", *TINY, f"store.path={db}").returncode == 0
+    out = cli(tmp_path, "table", f"store.path={db}")
+    assert out.returncode == 0 and "opt-tiny" in out.stdout and "ok" in out.stdout
+    missing = cli(tmp_path, "table", f"store.path={tmp_path}/none.sqlite")
+    assert missing.returncode == 2 and "no results store" in missing.stderr
+
+
+def test_console_script_runs(tmp_path):
+    script = Path(sys.executable).parent / "flexgen-lab"
+    assert script.exists(), "pip install -e . should install the flexgen-lab console script"
+    out = subprocess.run([str(script), "run", *TINY, f"store.path={tmp_path}/r.sqlite"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+
+
+ENGINE_IMPORTS = """
+import json, sys
+from flexgen_lab.__main__ import main
+sys.argv = ["flexgen_lab", "run", "model=local", "model.path={path}", "workload=tiny",
+            "store.path={db}"]
+try:
+    main()
+except SystemExit as e:
+    assert not e.code, e.code
+print(json.dumps(sorted(m for m in sys.modules
+                        if m.startswith("transformers.models.") and ".modeling_" in m)))
+"""
+
+
+def test_engine_run_imports_no_transformers_modeling_code(tmp_path, hf_checkpoint):
+    path, _ = hf_checkpoint("llama-gqa")
+    code = ENGINE_IMPORTS.format(path=path, db=tmp_path / "r.sqlite")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
