@@ -1,185 +1,317 @@
-"""The generation engine: runs a schedule's steps (token i, layer j, GPU batch k), Algorithm 1.
+"""The offloading engine: executes a schedule's op stream over the gpu, cpu and disk tiers.
 
-This version keeps every tensor resident on the compute device (the policy "everything on the
-gpu tier"); offloaded placements are refused by the runner before any weight is made.
+Algorithm 1 of the paper: for token i, layer j, GPU batch k, compute while the next step's
+weights, cache and activations load and the previous step's results store. Each buffer has
+its own future (and, on CUDA, event); a compute waits only for what it reads. With
+policy.overlap off the same op stream runs inline, op after op. Everything on the gpu tier is
+the resident case: loads and stores then move nothing.
 
-    >>> engine = Engine(ModelSpec.from_name("opt-125m"), DummyWeights(spec, 0), Policy())
-    >>> gen = engine.generate(input_ids, attention_mask, gen_len=32)
+    >>> with Engine(spec, DummyWeights(spec, 0), Policy(weights=Placement(0.2, 0.8))) as engine:
+    ...     gen = engine.generate(input_ids, attention_mask, gen_len=32)
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future
+from pathlib import Path
 
 import torch
 
-from flexgen_lab.engine import schedule as schedules
+from flexgen_lab.engine import cuda_sync, schedule
+from flexgen_lab.engine.activation_homes import ActivationHomes
+from flexgen_lab.engine.attention import CacheAttention
+from flexgen_lab.engine.batch import BatchState, Callbacks, Generation, Sampling, pick_tokens
+from flexgen_lab.engine.cache_homes import CacheHomes
+from flexgen_lab.engine.compress import CompressionConfig
+from flexgen_lab.engine.disk import DiskDir
 from flexgen_lab.engine.policy import Policy
+from flexgen_lab.engine.tiers import Tiers
+from flexgen_lab.engine.transfer import Executor, Links, wait
+from flexgen_lab.engine.weight_homes import WeightCache, WeightHomes
+from flexgen_lab.engine.workspace import step_workspace_bytes
 from flexgen_lab.models import families, ops
 from flexgen_lab.models.spec import ModelSpec
-from flexgen_lab.models.weights import part_names
 
-
-@dataclass(frozen=True)
-class Sampling:
-    """temperature 0 = greedy (the paper's setting); otherwise seeded multinomial sampling."""
-
-    temperature: float = 0.0
-    seed: int = 0
-    stop_token: int | None = None
-
-
-@dataclass
-class Generation:
-    output_ids: torch.Tensor  # (num_prompts, gen_len), on the CPU
-    prefill_s: float  # first token step (prefill, which emits token 0), all batches
-    decode_s: float  # every later token step, all batches, none extrapolated
-
-
-class Callbacks:
-    """Hooks the engine calls; subclass and override what you need (tests, tracing, progress)."""
-
-    def on_logits(self, token: int, batch: int, logits: torch.Tensor) -> None:
-        """logits (gpu_batch_size, vocab) of the last position, before sampling."""
-
-    def on_step(self, step: schedules.Step, start_s: float, end_s: float) -> None:
-        """One compute step finished (times from time.perf_counter, unsynchronised)."""
-
-
-class BatchState:
-    """One GPU batch's inputs, masks, KV cache and outputs (b = gpu_batch_size)."""
-
-    def __init__(self, spec: ModelSpec, ids: torch.Tensor, mask: torch.Tensor, gen_len: int,
-                 dtype: torch.dtype, device: torch.device):
-        b, prompt_len = ids.shape
-        total = prompt_len + gen_len - 1  # the last generated token is never fed back
-        self.prompt_len = prompt_len
-        self.ids = ids.to(device)
-        self.key_mask = torch.ones(b, total, dtype=torch.bool, device=device)  # (b, s)
-        self.key_mask[:, :prompt_len] = mask.bool().to(device)
-        self.positions = ops.positions_from_mask(self.key_mask)  # (b, s)
-        shape = (b, spec.num_kv_heads, total, spec.head_dim)
-        self.cache = [(torch.zeros(shape, dtype=dtype, device=device),
-                       torch.zeros(shape, dtype=dtype, device=device))
-                      for _ in range(spec.num_layers)]
-        self.outputs = torch.zeros(b, gen_len, dtype=torch.long)
-        self.done = torch.zeros(b, dtype=torch.bool)
-        self.hidden: torch.Tensor | None = None
-        self.mask: torch.Tensor | None = None
-
-    def window(self, token: int) -> tuple[int, int]:
-        """(first query position, number of queries) for a token step."""
-        return (0, self.prompt_len) if token == 0 else (self.prompt_len + token - 1, 1)
+UNLIMITED = 1 << 62
+__all__ = ["Engine", "Sampling", "Generation", "Callbacks"]
 
 
 class Engine:
-    """Executes a policy's schedule over one block of prompts at a time."""
+    """Holds a model's weights at home on the tiers and generates block after block."""
 
     def __init__(self, spec: ModelSpec, weights, policy: Policy, schedule: str = "zigzag",
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 callbacks: Callbacks | None = None):
-        if not policy.all_resident:
-            raise ValueError("this engine keeps everything on the gpu tier; offloaded "
-                             "placements need the offloading engine")
+                 callbacks: Callbacks | None = None, tiers: Tiers | None = None,
+                 offload_dir: str | Path | None = None, disk_io: str = "direct"):
         self.spec, self.policy, self.schedule = spec, policy, schedule
         self.device, self.dtype = torch.device(device), dtype
         self.family = families.get(spec.family)
         self.score_scale = families.score_scale(spec)
         self.callbacks = callbacks or Callbacks()
-        self.weights = self._load_weights(weights)
+        self.tiers = tiers or Tiers(UNLIMITED, UNLIMITED, UNLIMITED, device, policy.pin_memory)
+        self.offload_dir = Path(offload_dir or Path(tempfile.gettempdir()) / "flexgen_lab")
+        self.disk_io = disk_io
+        self._scratch: DiskDir | None = None
+        self._weight_cache: WeightCache | None = None
+        try:
+            self.weights = self._place_weights(weights)
+        except BaseException:
+            self.close()
+            raise
 
-    def _load_weights(self, source) -> list[dict[str, torch.Tensor]]:
-        parts = [
-            {k: v.to(self.device) for k, v in source.part(part, j, self.dtype).items()}
-            for part, j in part_names(self.spec)
-        ]
-        if self.spec.tie_embeddings:  # the head reuses the embedding table, not a copy
-            parts[-1]["embed_tokens.weight"] = parts[0]["embed_tokens.weight"]
-        return parts
+    def _place_weights(self, source) -> WeightHomes:
+        p = self.policy
+        config = (CompressionConfig(p.compress_bits, p.compress_group_size, 0)
+                  if p.compress_weight else None)
+        if p.weights.disk > 0:
+            self._weight_cache = WeightCache(self.offload_dir, source, self.spec, self.dtype,
+                                             config, self.disk_io)
+        return WeightHomes(self.spec, source, p.weights, self.tiers, self.dtype, config,
+                           self._weight_cache)
+
+    def scratch(self) -> DiskDir:
+        """This run's own directory for cache and activations on disk (made on first use)."""
+        if self._scratch is None:
+            self._scratch = DiskDir(self.offload_dir, unique=True, mode=self.disk_io)
+        return self._scratch
+
+    def close(self) -> None:
+        """Remove this run's scratch files (the shared weight cache stays)."""
+        if self._scratch is not None:
+            self._scratch.remove()
+            self._scratch = None
+        if self._weight_cache is not None:
+            self._weight_cache.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen_len: int,
-                 sampling: Sampling = Sampling()) -> Generation:
-        """input_ids, attention_mask (num_prompts, prompt_len), left padded."""
-        b = self.policy.gpu_batch_size
-        if input_ids.shape[0] % self.policy.block_size:
+                 sampling: Sampling | None = None) -> Generation:
+        """input_ids, attention_mask (num_prompts, prompt_len), left padded, whole blocks."""
+        sampling = sampling or Sampling()
+        block, b = self.policy.block_size, self.policy.gpu_batch_size
+        if input_ids.shape[0] % block:
             raise ValueError(f"{input_ids.shape[0]} prompts is not a multiple of the block size "
-                             f"{self.policy.block_size}")
-        outputs, prefill_s, decode_s = [], 0.0, 0.0
+                             f"{block}")
+        links = Links()
         generator = torch.Generator().manual_seed(sampling.seed)
-        for start in range(0, input_ids.shape[0], self.policy.block_size):
-            batches = [
-                BatchState(self.spec, input_ids[s:s + b], attention_mask[s:s + b], gen_len,
-                           self.dtype, self.device)
-                for s in range(start, start + self.policy.block_size, b)
-            ]
-            p, d = self._run_block(batches, gen_len, sampling, generator)
+        outputs, prefill_s, decode_s = [], 0.0, 0.0
+        for start in range(0, input_ids.shape[0], block):
+            batches = [BatchState(input_ids[s:s + b], attention_mask[s:s + b], gen_len,
+                                  self.device) for s in range(start, start + block, b)]
+            used = self.tiers.checkpoint()
+            try:
+                p, d = BlockRun(self, batches, gen_len, sampling, generator, links).run()
+            finally:
+                self.tiers.restore(used)  # the block's cache, activations and staging go
             prefill_s, decode_s = prefill_s + p, decode_s + d
             outputs.extend(batch.outputs for batch in batches)
-        return Generation(torch.cat(outputs), prefill_s, decode_s)
+        link_bytes = {phase: links.bytes(phase) for phase in ("prefill", "decode")}
+        return Generation(torch.cat(outputs), prefill_s, decode_s, link_bytes)
 
-    def _run_block(self, batches: list[BatchState], gen_len: int, sampling: Sampling,
-                   generator: torch.Generator) -> tuple[float, float]:
-        """Algorithm 1's loop; returns (prefill seconds, decode seconds) of this block."""
-        phase = [0.0, 0.0]  # prefill, decode
-        steps = schedules.steps(self.schedule, gen_len, self.spec.num_layers + 2, len(batches))
-        current_token, segment_start = None, None
-        for step in steps:
-            if step.token != current_token:  # a token step ends: charge it to its phase
-                if current_token is not None:
-                    phase[current_token > 0] += self._clock() - segment_start
-                current_token, segment_start = step.token, self._clock()
-            t0 = time.perf_counter()
-            self._compute(step, batches[step.batch], sampling, generator)
-            self.callbacks.on_step(step, t0, time.perf_counter())
-        phase[current_token > 0] += self._clock() - segment_start
+
+class BlockRun:
+    """One block's generation: its cache and activation homes, futures, and the op loop."""
+
+    def __init__(self, engine: Engine, batches: list[BatchState], gen_len: int,
+                 sampling: Sampling, generator: torch.Generator, links: Links):
+        self.e, self.batches, self.gen_len = engine, batches, gen_len
+        self.sampling, self.generator, self.links = sampling, generator, links
+        p, spec = engine.policy, engine.spec
+        self.prompt_len = batches[0].prompt_len
+        total = self.prompt_len + gen_len - 1
+        config = (CompressionConfig(p.compress_bits, p.compress_group_size, -1)
+                  if p.compress_cache else None)
+        needs_disk = p.cache.disk > 0 or p.activations.disk > 0
+        disk_dir = engine.scratch() if needs_disk else None
+        self.cache = CacheHomes(spec, p.cache, p.gpu_batch_size, len(batches), total,
+                                engine.tiers, engine.dtype, config, disk_dir)
+        self.acts = ActivationHomes(spec, p.activations, p.gpu_batch_size, len(batches),
+                                    self.prompt_len, engine.tiers, engine.dtype, disk_dir)
+        self.attention = CacheAttention(self.cache, engine.tiers, p.cpu_delegation)
+        self.attention.start_block(self.prompt_len)
+        self.executor = Executor(p.overlap, trace=self._trace)
+        self.weight_jobs: dict[tuple[int, int], tuple[Future, dict]] = {}
+        self.cache_jobs: dict[tuple[int, int], tuple[Future, int]] = {}
+        self.cache_stores: dict[tuple[int, int], Future] = {}
+        self.hidden_jobs: dict[int, tuple[Future, dict]] = {}
+        self.hidden_stores: dict[int, Future] = {}
+        self.pending: dict[tuple[int, int], dict] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.counts = {"layer_loads": 0, "cache_loads": 0, "stores": 0, "hidden_loads": 0}
+        self.last_store: Future | None = None
+        self.event = None  # CUDA event after the latest compute (None on the CPU)
+        self._check_workspace()
+
+    def _check_workspace(self) -> None:
+        """Fail before generating if the largest step's intermediates cannot fit."""
+        b = self.e.policy.gpu_batch_size
+        need = step_workspace_bytes(self.e.spec, b, self.prompt_len, self.prompt_len,
+                                    self.e.dtype)
+        with self.e.tiers["gpu"].hold(need, "workspace: prefill step"):
+            pass
+
+    def run(self) -> tuple[float, float]:
+        """Execute the op stream; returns (prefill seconds, decode seconds)."""
+        phase, token, mark = [0.0, 0.0], None, None
+        stream = schedule.ops(self.e.schedule, self.gen_len, self.e.spec.num_layers + 2,
+                              len(self.batches))
+        try:
+            for op in stream:
+                if op.kind == "compute" and op.token != token:
+                    if token is not None:
+                        phase[token > 0] += self._clock() - mark
+                    token, mark = op.token, self._clock()
+                getattr(self, op.kind)(op)
+            wait(list(self.cache_stores.values()) + list(self.hidden_stores.values()))
+            phase[token > 0] += self._clock() - mark
+        finally:
+            self.executor.close()
         return phase[0], phase[1]
 
     def _clock(self) -> float:
-        """Wall time after the device has finished its queued work."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        cuda_sync.synchronize(self.e.device)
         return time.perf_counter()
 
-    def _compute(self, step: schedules.Step, batch: BatchState, sampling: Sampling,
-                 generator: torch.Generator) -> None:
-        i, j, last = step.token, step.layer, self.spec.num_layers + 1
+    def _trace(self, record: dict) -> None:
+        record["bytes"] = self.links.take_op_bytes()
+        self.e.callbacks.on_op(record)
+
+    def _submit(self, op, fn, deps) -> Future:
+        label = {"op": op.kind, "token": op.token, "layer": op.layer, "batch": op.batch}
+        event = self.event
+
+        def task():
+            cuda_sync.wait_event(event)  # what earlier computes produced or still read
+            fn()
+
+        return self.executor.submit(task, deps, label)
+
+    # --- loads -------------------------------------------------------------------------
+
+    def load_weight(self, op) -> None:
+        index, kind = op.layer, self.e.weights.kind(op.layer)
+        slot = 0
+        if kind == "layer":
+            slot = self.counts["layer_loads"] % 2
+            self.counts["layer_loads"] += 1
+        holder: dict = {}
+        if self.e.weights.parts[index].resident:
+            self.weight_jobs[(op.token, op.layer)] = (None, holder)
+            return
+
+        def fn():
+            holder["buffers"] = self.e.weights.load(index, slot, self.links, op.token)
+
+        self.weight_jobs[(op.token, op.layer)] = (self._submit(op, fn, []), holder)
+
+    def load_cache(self, op) -> None:
+        layer = op.layer - 1
+        slot = self.counts["cache_loads"] % 2
+        self.counts["cache_loads"] += 1
+        deps = [self.cache_stores.get((layer, op.batch))]
+        fn = lambda: self.attention.load(op.token, layer, op.batch, slot, self.links)  # noqa: E731
+        self.cache_jobs[(layer, op.batch)] = (self._submit(op, fn, deps), slot)
+
+    def load_hidden(self, op) -> None:
+        slot = self.counts["hidden_loads"] % 2
+        self.counts["hidden_loads"] += 1
+        tokens = self.batches[op.batch].window(op.token)[1]
+        holder: dict = {}
+
+        def fn():
+            holder["x"] = self.acts.load(op.batch, tokens, self.links, op.token, slot)
+
+        if self.acts.resident:  # the output is still on the device: nothing to move
+            fn()
+            self.hidden_jobs[op.batch] = (None, holder)
+            return
+        deps = [self.hidden_stores.get(op.batch)]
+        self.hidden_jobs[op.batch] = (self._submit(op, fn, deps), holder)
+
+    # --- compute -------------------------------------------------------------------------
+
+    def compute(self, op) -> None:
+        future, weights = self.weight_jobs[(op.token, op.layer)]
+        deps = [future]
+        if op.layer > 0:
+            deps.append(self.hidden_jobs[op.batch][0])
+        cache_slot = 0
+        if (op.layer - 1, op.batch) in self.cache_jobs and op.token > 0:
+            job, cache_slot = self.cache_jobs.pop((op.layer - 1, op.batch))
+            deps.append(job)
+        wait(deps)
+        start = time.perf_counter()
+        w = self.e.weights.compute_view(op.layer, weights.get("buffers"))
+        batch = self.batches[op.batch]
+        need = step_workspace_bytes(self.e.spec, batch.ids.shape[0],
+                                    batch.window(op.token)[1], batch.window(op.token)[0] + 1,
+                                    self.e.dtype) + self.e.weights.dequant_bytes(op.layer)
+        with self.e.tiers["gpu"].hold(need, "workspace: compute step"):
+            self._cell(op, w, batch, cache_slot)
+        self.event = cuda_sync.compute_done(self.e.device)
+        end = time.perf_counter()
+        step = schedule.Step(op.token, op.layer, op.batch)
+        self.e.callbacks.on_step(step, start, end)
+        self._trace({"op": "compute", "token": op.token, "layer": op.layer, "batch": op.batch,
+                     "start_s": start - self.executor.origin,
+                     "end_s": end - self.executor.origin})
+
+    def _cell(self, op, w: dict, batch: BatchState, cache_slot: int) -> None:
+        i, j, last = op.token, op.layer, self.e.spec.num_layers + 1
         start, t = batch.window(i)
         positions = batch.positions[:, start:start + t]  # (b, t)
+        fam, spec = self.e.family, self.e.spec
         if j == 0:
-            ids = batch.ids if i == 0 else batch.outputs[:, i - 1:i].to(self.device)
-            batch.hidden = self.family.embed(self.spec, self.weights[0], ids, positions)
+            ids = batch.ids if i == 0 else batch.outputs[:, i - 1:i].to(self.e.device)
             batch.mask = ops.attention_mask(batch.key_mask[:, :start + t], start, t)
-        elif j < last:
-            batch.hidden = self._layer(j - 1, self.weights[j], batch, positions, start, t)
+            self.outputs[op.batch] = fam.embed(spec, w, ids, positions)
+            return
+        x = self.hidden_jobs.pop(op.batch)[1]["x"]
+        if j == last:
+            logits = fam.head(spec, w, x[:, -1:])[:, 0]
+            self.e.callbacks.on_logits(i, op.batch, logits)
+            pick_tokens(batch, i, logits, self.sampling, self.generator, spec.pad_token_id)
+            return
+        q, k_new, v_new = fam.attention_inputs(spec, w, x, positions)
+        if i == 0:
+            attn = ops.attention(q, k_new, v_new, batch.mask, self.e.score_scale)
+            pending = self.attention.prefill_rows(j - 1, op.batch, k_new, v_new)
         else:
-            logits = self.family.head(self.spec, self.weights[j], batch.hidden[:, -1:])[:, 0]
-            self.callbacks.on_logits(i, step.batch, logits)
-            self._emit(batch, i, logits, sampling, generator)
+            rows = {"k": k_new.permute(2, 0, 1, 3), "v": v_new.permute(2, 0, 1, 3)}
+            attn, pending = self.attention.attend(i, j - 1, op.batch, cache_slot, q, rows,
+                                                  batch.key_mask, self.e.score_scale,
+                                                  self.links)
+        self.pending[(j - 1, op.batch)] = pending
+        x = fam.attention_output(spec, w, attn, x)
+        self.outputs[op.batch] = fam.mlp(spec, w, x)
 
-    def _layer(self, layer: int, w: dict, batch: BatchState, positions: torch.Tensor,
-               start: int, t: int) -> torch.Tensor:
-        x = batch.hidden  # (b, t, h)
-        q, k_new, v_new = self.family.attention_inputs(self.spec, w, x, positions)
-        k_cache, v_cache = batch.cache[layer]  # (b, nkv, s, d)
-        k_cache[:, :, start:start + t] = k_new
-        v_cache[:, :, start:start + t] = v_new
-        end = start + t
-        attn = ops.attention(q, k_cache[:, :, :end], v_cache[:, :, :end], batch.mask,
-                             self.score_scale)
-        x = self.family.attention_output(self.spec, w, attn, x)
-        return self.family.mlp(self.spec, w, x)
+    # --- stores --------------------------------------------------------------------------
 
-    def _emit(self, batch: BatchState, i: int, logits: torch.Tensor, sampling: Sampling,
-              generator: torch.Generator) -> None:
-        """Pick token i for every sequence; a finished sequence keeps emitting padding."""
-        logits = logits.float().cpu()
-        if sampling.temperature > 0:
-            probs = torch.softmax(logits / sampling.temperature, dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        else:
-            tokens = logits.argmax(dim=-1)
-        tokens = torch.where(batch.done, torch.full_like(tokens, self.spec.pad_token_id), tokens)
-        if sampling.stop_token is not None:
-            batch.done |= tokens == sampling.stop_token
-        batch.outputs[:, i] = tokens
+    def store_cache(self, op) -> None:
+        layer = op.layer - 1
+        pending = self.pending.pop((layer, op.batch))
+        if not pending:
+            return
+        start = self.batches[op.batch].window(op.token)[0]
+        slot = self.counts["stores"] % 2
+        self.counts["stores"] += 1
+        fn = lambda: self.attention.store(layer, op.batch, start, pending, slot, self.links,  # noqa: E731
+                                          op.token)
+        deps = [self.cache_stores.get((layer, op.batch)), self.last_store]
+        self.last_store = self.cache_stores[(layer, op.batch)] = self._submit(op, fn, deps)
+
+    def store_hidden(self, op) -> None:
+        x = self.outputs.pop(op.batch)
+        if self.acts.resident:
+            self.acts.store(op.batch, x, self.links, op.token)
+            return
+        fn = lambda: self.acts.store(op.batch, x, self.links, op.token)  # noqa: E731
+        deps = [self.hidden_stores.get(op.batch), self.last_store]
+        self.last_store = self.hidden_stores[op.batch] = self._submit(op, fn, deps)

@@ -14,10 +14,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 SCHEDULES = ("row_by_row", "zigzag")
+OP_KINDS = ("load_weight", "load_cache", "load_hidden", "compute", "store_cache",
+            "store_hidden")
 
 
 @dataclass(frozen=True)
 class Step:
+    token: int
+    layer: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation of a schedule's stream; (token, layer, batch) index the grid."""
+
+    kind: str
     token: int
     layer: int
     batch: int
@@ -45,3 +57,46 @@ def steps(name: str, num_tokens: int, num_layers: int, num_batches: int) -> Iter
     if name == "zigzag":
         return zigzag(num_tokens, num_layers, num_batches)
     raise ValueError(f"schedule.name={name!r}; allowed: {SCHEDULES}")
+
+
+def ops(name: str, num_tokens: int, num_layers: int, num_batches: int) -> Iterator[Op]:
+    """The op stream: loads for the next step are issued before the current compute.
+
+    num_layers counts the embedding (0) and the head (last). Weights load once per run of
+    steps that share (token, layer): once per block in zigzag, once per batch in row_by_row;
+    the next run's weights are requested as the current run starts. A step's hidden input is
+    prefetched when the step before it belongs to another batch (otherwise the current step
+    is what produces it). Cache exists for decoder layers only, and the last token's new cache
+    row is never read again, so it is not stored.
+    """
+    cells = list(steps(name, num_tokens, num_layers, num_batches))
+    head = num_layers - 1
+    groups = _weight_group_starts(cells)
+    yield Op("load_weight", cells[0].token, cells[0].layer, cells[0].batch)
+    prefetched = False
+    for n, cell in enumerate(cells):
+        if groups.get(n) is not None:
+            nxt = cells[groups[n]]
+            yield Op("load_weight", nxt.token, nxt.layer, nxt.batch)
+        if not prefetched and cell.layer > 0:
+            yield Op("load_hidden", cell.token, cell.layer, cell.batch)
+        prefetched = False
+        if n + 1 < len(cells):
+            nxt = cells[n + 1]
+            if 0 < nxt.layer < head and nxt.token > 0:
+                yield Op("load_cache", nxt.token, nxt.layer, nxt.batch)
+            if nxt.batch != cell.batch and nxt.layer > 0:
+                yield Op("load_hidden", nxt.token, nxt.layer, nxt.batch)
+                prefetched = True
+        yield Op("compute", cell.token, cell.layer, cell.batch)
+        if 0 < cell.layer < head and cell.token < num_tokens - 1:
+            yield Op("store_cache", cell.token, cell.layer, cell.batch)
+        if cell.layer < head:
+            yield Op("store_hidden", cell.token, cell.layer, cell.batch)
+
+
+def _weight_group_starts(cells: list[Step]) -> dict[int, int | None]:
+    """Index of each weight group's first cell -> index of the next group's first cell."""
+    starts = [n for n, c in enumerate(cells)
+              if n == 0 or (c.token, c.layer) != (cells[n - 1].token, cells[n - 1].layer)]
+    return {s: (starts[m + 1] if m + 1 < len(starts) else None) for m, s in enumerate(starts)}

@@ -36,14 +36,6 @@ def test_prompts_must_fill_whole_blocks():
         engine.generate(ids, mask, 4)
 
 
-def test_offloaded_policy_is_refused_by_the_resident_engine():
-    spec = ModelSpec.from_name("opt-tiny")
-    from flexgen_lab.engine.policy import Placement
-
-    with pytest.raises(ValueError, match="offload"):
-        Engine(spec, DummyWeights(spec, 0), Policy(weights=Placement(gpu=0.5, cpu=0.5)))
-
-
 def test_several_blocks_are_generated_in_turn():
     spec = ModelSpec.from_name("llama-tiny")
     ids, mask = synthetic_prompts(spec, 8, 8, seed=0)

@@ -1,0 +1,154 @@
+"""Decode attention over a GPU batch's cache segments: on the compute side or delegated.
+
+Each segment (gpu, cpu, disk share of the batch's sequences) attends on its own. A gpu
+segment is read in place. A cpu or disk segment is either loaded to compute-side staging
+(load op) or, with CPU delegation, attended on the CPU: then only the query, the new key/value
+row and the attention output cross the link. Past rows come from storage (round-tripped when
+the cache is compressed); the current token's own key/value row is always the exact one.
+
+Shapes: b batch, n a segment's sequences, p past positions, nh query heads, nkv key/value
+heads, d head_dim; cache rows are token-major (p, n, nkv, d).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flexgen_lab.engine.cache_homes import CacheHomes, Segment, stored_shapes
+from flexgen_lab.engine.tiers import Tiers
+from flexgen_lab.engine.transfer import Links
+from flexgen_lab.models import ops
+
+NUM_SLOTS = 2  # double buffering: the next batch's cache loads while this one computes
+
+
+class CacheAttention:
+    """Loads, attends over and stores the KV cache of one block, with its staging buffers."""
+
+    def __init__(self, homes: CacheHomes, tiers: Tiers, delegate: bool):
+        self.homes, self.tiers, self.delegate = homes, tiers, delegate
+        self.device, self.dtype = tiers.device, homes.dtype
+        self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def _buffer(self, role: str, tier: str, slot: int, place: str, stored: bool) -> dict:
+        """Reusable arrays sized for the largest segment of `tier` (all S positions)."""
+        key = (role, tier, slot)
+        if key not in self._buffers:
+            n = max(r[tier][1] - r[tier][0] for r in self.homes.ranges if tier in r)
+            config = self.homes.config if stored else None
+            shapes = stored_shapes(self.homes.S, n, self.homes.spec, self.dtype, config)
+            self._buffers[key] = {name: self.tiers.empty(place, shape, dtype,
+                                                         f"cache: {role} {tier} {slot}")
+                                  for name, (shape, dtype) in shapes.items()}
+        return self._buffers[key]
+
+    def _segments(self, layer: int, batch: int) -> dict[str, Segment]:
+        return self.homes.segments[(layer, batch)]
+
+    def load(self, token: int, layer: int, batch: int, slot: int, links: Links) -> None:
+        """Bring past rows [0, p) of the off-gpu segments where attention will read them."""
+        past = self._past(batch, token)
+        for tier, seg in self._segments(layer, batch).items():
+            if tier == "gpu" or (self.delegate and tier == "cpu"):
+                continue  # read in place
+            bounce = self._buffer("bounce", tier, slot, "cpu", True) if tier == "disk" else None
+            if self.delegate:  # disk rows land in a cpu workspace, next to the CPU attention
+                seg.read_prefix(bounce, past, links, token, None, to_compute=False)
+            else:
+                stage = self._buffer("stage", tier, slot, "gpu", True)
+                seg.read_prefix(stage, past, links, token, bounce, to_compute=True)
+
+    def _past(self, batch: int, token: int) -> int:
+        return self._prompt_len + token - 1
+
+    def start_block(self, prompt_len: int) -> None:
+        self._prompt_len = prompt_len
+
+    def attend(self, token: int, layer: int, batch: int, slot: int, q: torch.Tensor,
+               rows: dict[str, torch.Tensor], key_mask: torch.Tensor, scale: float,
+               links: Links) -> tuple[torch.Tensor, dict]:
+        """Decode: q (b, nh, 1, d), rows k/v (1, b, nkv, d) -> (b, 1, nh*d), pending stores."""
+        p = self._past(batch, token)
+        outs, pending = [], {}
+        for tier, seg in self._segments(layer, batch).items():
+            a, b = seg.seqs
+            fresh = {kv: r[:, a:b] for kv, r in rows.items()}
+            cpu_side = self.delegate and tier != "gpu"
+            q_seg = q[a:b]
+            if cpu_side:  # only q and the new row cross the link, then the output back
+                q_seg = self._to_cpu(q_seg, links, token)
+                fresh = {kv: self._to_cpu(r, links, token) for kv, r in fresh.items()}
+            k, v, store = self._keys_values(tier, seg, slot, p, fresh, cpu_side)
+            out = _attend(q_seg, k, v, key_mask[a:b, :p + 1], scale)
+            if cpu_side:
+                back = torch.empty(out.shape, dtype=out.dtype, device=self.device)
+                links.copy(back, out, "cpu_to_gpu", token)
+                out = back
+            outs.append(out)
+            if store:
+                pending[tier] = (self.homes.stored(fresh["k"], fresh["v"]), cpu_side)
+        return torch.cat(outs) if len(outs) > 1 else outs[0], pending
+
+    def _keys_values(self, tier: str, seg: Segment, slot: int, p: int, fresh: dict,
+                     cpu_side: bool):
+        """(k, v) rows [0, p] for attention, and whether the new row still needs storing."""
+        if tier == "gpu":
+            source = seg.arrays
+        elif cpu_side:
+            source = seg.arrays if tier == "cpu" else self._buffer("bounce", tier, slot,
+                                                                   "cpu", True)
+        else:
+            source = self._buffer("stage", tier, slot, "gpu", True)
+        if self.homes.config is None:
+            for kv in "kv":  # the exact new row joins the past in place
+                source[kv][p:p + 1].copy_(fresh[kv])
+            needs_store = tier == "disk" or (tier == "cpu" and not cpu_side)
+            return source["k"][:p + 1], source["v"][:p + 1], needs_store
+        place = "cpu" if cpu_side else "gpu"
+        work = self._buffer(f"dequant on {place}", tier, 0, place, False)
+        past = self.homes.unpack(source, p)
+        for kv, value in zip("kv", past, strict=True):
+            work[kv][:p].copy_(value)
+            work[kv][p:p + 1].copy_(fresh[kv])
+        if tier == "gpu":  # its store is a device-local write: do it now
+            seg.write_rows(self.homes.stored(fresh["k"], fresh["v"]), p, links=None, token=0,
+                           stage=None, rows_on_cpu=False)
+        return work["k"][:p + 1], work["v"][:p + 1], tier != "gpu"
+
+    def _to_cpu(self, x: torch.Tensor, links: Links, token: int) -> torch.Tensor:
+        out = torch.empty(x.shape, dtype=x.dtype, device="cpu")
+        links.copy(out, x, "gpu_to_cpu", token)
+        return out
+
+    def prefill_rows(self, layer: int, batch: int, k: torch.Tensor, v: torch.Tensor) -> dict:
+        """Prefill: the prompt's rows, token-major; the gpu segment is written now."""
+        rows = {"k": k.permute(2, 0, 1, 3), "v": v.permute(2, 0, 1, 3)}  # (s, b, nkv, d)
+        pending = {}
+        for tier, seg in self._segments(layer, batch).items():
+            a, b = seg.seqs
+            stored = self.homes.stored(rows["k"][:, a:b], rows["v"][:, a:b])
+            if tier == "gpu":
+                seg.write_rows(stored, 0, links=None, token=0, stage=None, rows_on_cpu=False)
+            else:
+                pending[tier] = (stored, False)
+        return pending
+
+    def store(self, layer: int, batch: int, start: int, pending: dict, slot: int,
+              links: Links, token: int) -> None:
+        """Write pending new rows (from attend or prefill_rows) to their cpu and disk homes."""
+        for tier, (rows, on_cpu) in pending.items():
+            stage = self._buffer("store", tier, slot, "cpu", True) if tier == "disk" else None
+            self._segments(layer, batch)[tier].write_rows(rows, start, links, token, stage,
+                                                          on_cpu)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """q (n, nh, 1, d), k/v (p+1, n, nkv, d) token-major, key_mask (n, p+1) -> (n, 1, nh*d)."""
+    compute_dtype = q.dtype
+    if q.device.type == "cpu" and q.dtype == torch.float16:
+        compute_dtype = torch.float32  # CPU half matmuls are slow; the original used fp32 too
+    k = k.permute(1, 2, 0, 3).to(compute_dtype)
+    v = v.permute(1, 2, 0, 3).to(compute_dtype)
+    out = ops.attention(q.to(compute_dtype), k, v, key_mask[:, None, None, :], scale)
+    return out.to(q.dtype)

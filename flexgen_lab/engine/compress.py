@@ -1,0 +1,179 @@
+"""Group-wise asymmetric min/max quantisation (FlexGen §5.1): weights and KV cache at 4 or 8 bits.
+
+Elements are cut into groups of g consecutive values along one axis (`group_dim`); each group keeps
+its own min and scale, so one outlier only coarsens its own group. Weights (out, in) group along
+the output channel (group_dim=0); cache rows (b, heads, s, head_dim) group along head_dim
+(group_dim=-1), so every token row compresses on its own and a decode step quantizes just its row.
+
+Names used below: n = length of the group axis, g = group_size, G = ceil(n / g) groups,
+q_max = 2**bits - 1 (the largest code).
+
+Storage layout of `Compressed` for an input of shape (*pre, n, *post), pre/post = the axes before
+and after the group axis:
+    data       uint8   (*pre, G * g * bits // 8, *post)   codes, packed along the group axis;
+               at 4 bits bytes hold element pairs (2t, 2t + 1): element 2t in the high nibble,
+               element 2t + 1 in the low nibble (FlexGen's order); at 8 bits one code per byte.
+               Elements n..G*g-1 are padding (they repeat element n-1; dequantize drops them).
+    scale_min  float16 (*pre, G, 2, *post)   [..., i, 0, ...] = scale, [..., i, 1, ...] = min
+               of group i; x_hat = code / scale + min.
+E.g. weight (out, in), group_dim=0: data (G*g/2, in), scale_min (G, 2, in); cache
+(b, heads, s, d), group_dim=-1: data (b, heads, s, G*g/2), scale_min (b, heads, s, G, 2).
+At 4 bits, g=64 that is 0.5 + 4/64 = 0.5625 byte per element, 28% of fp16.
+
+    >>> c = quantize(torch.randn(100, 8), CompressionConfig(bits=4, group_size=64))
+    >>> c.data.shape, c.scale_min.shape, dequantize(c).shape
+    (torch.Size([64, 8]), torch.Size([2, 2, 8]), torch.Size([100, 8]))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+ALLOWED_BITS = (4, 8)
+# scale is stored in float16; groups with a range below q_max / FP16_MAX (constant ones included)
+# get this scale instead of inf, so their codes stay 0..q_max and nothing turns NaN.
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How to quantize one kind of tensor: code width, group length, the axis groups run along."""
+
+    bits: int = 4
+    group_size: int = 64
+    group_dim: int = 0
+
+    def __post_init__(self):
+        if self.bits not in ALLOWED_BITS:
+            raise ValueError(f"compress bits={self.bits!r} is not allowed; use one of "
+                             f"{ALLOWED_BITS}")
+        if (not isinstance(self.group_size, int) or self.group_size <= 0
+                or self.group_size % 2):
+            raise ValueError(f"compress group_size={self.group_size!r} is not allowed; use a "
+                             "positive even integer (e.g. 64)")
+        if not isinstance(self.group_dim, int):
+            raise ValueError(f"compress group_dim={self.group_dim!r} is not allowed; use an "
+                             "integer axis (negative counts from the end)")
+
+    @property
+    def q_max(self) -> int:
+        return 2**self.bits - 1
+
+
+@dataclass
+class Compressed:
+    """A quantized tensor as it lives at home: packed codes plus per-group [scale, min].
+
+    See the module docstring for the exact layout of `data` and `scale_min`.
+    """
+
+    data: torch.Tensor  # uint8 codes, (*pre, G * g * bits // 8, *post)
+    scale_min: torch.Tensor  # float16, (*pre, G, 2, *post)
+    shape: tuple[int, ...]  # the original tensor's shape
+    dtype: torch.dtype  # the original tensor's dtype
+    config: CompressionConfig
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held at home (codes + scales): what a copy between tiers moves."""
+        return self.data.nbytes + self.scale_min.nbytes
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Compressed:
+        """The same compressed tensor with both parts on `device`."""
+        return Compressed(self.data.to(device, non_blocking=non_blocking),
+                          self.scale_min.to(device, non_blocking=non_blocking),
+                          self.shape, self.dtype, self.config)
+
+
+def _axis(ndim: int, config: CompressionConfig) -> int:
+    """config.group_dim as a non-negative axis of an ndim-d tensor."""
+    if not -ndim <= config.group_dim < ndim:
+        raise ValueError(f"compress group_dim={config.group_dim} is out of range for a "
+                         f"{ndim}-d tensor; allowed: {-ndim}..{ndim - 1}")
+    return config.group_dim % ndim
+
+
+def compressed_nbytes(shape: tuple[int, ...] | torch.Size, config: CompressionConfig) -> int:
+    """Bytes that quantize(x, config).nbytes will be for an x of `shape`, without quantizing.
+
+    Per position off the group axis: G * g * bits / 8 code bytes + G * 2 float16 (scale, min).
+    The engine sizes buffers and the cost model counts transfers with this.
+    """
+    ax = _axis(len(shape), config)
+    n = shape[ax]
+    num_groups = math.ceil(n / config.group_size)
+    rest = math.prod(size for i, size in enumerate(shape) if i != ax)  # positions off the axis
+    code_bytes = num_groups * config.group_size * config.bits // 8
+    return rest * (code_bytes + num_groups * 2 * 2)
+
+
+@torch.no_grad()
+def quantize(x: torch.Tensor, config: CompressionConfig) -> Compressed:
+    """Quantize x group-wise along config.group_dim; the result stays on x's device.
+
+    code = clamp(round((x - min) * scale), 0, q_max), scale = q_max / (max - min), per group.
+    Math runs in float32; min and scale are rounded to float16 *before* the codes are computed,
+    so dequantize uses exactly the values the codes were made with. Error per element is then at
+    most half a step, (max - min) / q_max / 2, plus float16 rounding of min and scale.
+    Padding repeats the axis's last element, so it never widens the last group's range.
+    Values beyond the float16 range (|x| > 65504) are clamped there.
+    """
+    ax = _axis(x.dim(), config)
+    g, q_max = config.group_size, config.q_max
+    n = x.shape[ax]
+    num_groups = math.ceil(n / g)
+    rows = x.detach().to(torch.float32).movedim(ax, -1)  # (*pre, *post, n)
+    lead = rows.shape[:-1]
+    pad = num_groups * g - n
+    if pad:
+        rows = torch.cat([rows, rows[..., -1:].expand(*lead, pad)], dim=-1)
+    groups = rows.reshape(*lead, num_groups, g)  # (*pre, *post, G, g)
+
+    low = groups.amin(dim=-1).clamp(-FP16_MAX, FP16_MAX).half()  # (*pre, *post, G)
+    span = (groups.amax(dim=-1) - low.float()).clamp(min=0)
+    # span 0 (constant group) gives inf, capped: codes become 0 and decode exactly to `low`.
+    scale = (q_max / span).clamp(max=FP16_MAX).half()
+    codes = ((groups - low.float()[..., None]) * scale.float()[..., None])
+    codes = codes.round_().clamp_(0, q_max).to(torch.uint8)  # (*pre, *post, G, g)
+    codes = codes.reshape(*lead, num_groups * g)
+    if config.bits == 4:  # element 2t -> high nibble, 2t + 1 -> low nibble
+        codes = (codes[..., 0::2] << 4) | codes[..., 1::2]  # (*pre, *post, G * g / 2)
+
+    data = codes.movedim(-1, ax).contiguous()
+    scale_min = torch.stack([scale, low], dim=-1)  # (*pre, *post, G, 2)
+    scale_min = scale_min.movedim((-2, -1), (ax, ax + 1)).contiguous()  # (*pre, G, 2, *post)
+    return Compressed(data, scale_min, tuple(x.shape), x.dtype, config)
+
+
+@torch.no_grad()
+def dequantize(c: Compressed, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x_hat = code / scale + min, in c.shape and c.dtype, on c.data's device.
+
+    With `out` (same shape and dtype), the result is written into it and `out` is returned, so the
+    engine can reuse one buffer per layer. Math runs in float32, then casts to c.dtype.
+    """
+    if out is not None and (tuple(out.shape) != c.shape or out.dtype != c.dtype):
+        raise ValueError(f"dequantize out has shape {tuple(out.shape)} and dtype {out.dtype}; "
+                         f"expected {c.shape} and {c.dtype}")
+    ax = _axis(len(c.shape), c.config)
+    g, n = c.config.group_size, c.shape[ax]
+    codes = c.data.movedim(ax, -1)  # (*pre, *post, G * g * bits / 8)
+    lead = codes.shape[:-1]
+    if c.config.bits == 4:
+        codes = torch.stack([codes >> 4, codes & 0x0F], dim=-1)  # (..., G * g / 2, 2)
+    codes = codes.reshape(*lead, -1, g)  # (*pre, *post, G, g)
+    scale_min = c.scale_min.movedim((ax, ax + 1), (-2, -1)).float()  # (*pre, *post, G, 2)
+    scale, low = scale_min[..., 0:1], scale_min[..., 1:2]
+    x_hat = codes.float().div_(scale).add_(low)  # (*pre, *post, G, g)
+    x_hat = x_hat.reshape(*lead, -1)[..., :n].movedim(-1, ax)  # (*pre, n, *post)
+    if out is None:
+        return x_hat.to(c.dtype).contiguous()
+    return out.copy_(x_hat)
+
+
+def roundtrip(x: torch.Tensor, config: CompressionConfig) -> torch.Tensor:
+    """dequantize(quantize(x)): the values a compressed run computes with (reference runs)."""
+    return dequantize(quantize(x, config))

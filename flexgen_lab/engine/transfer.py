@@ -1,0 +1,115 @@
+"""Copies between tiers with byte counters per link, and the executors that run them.
+
+Bytes are counted here, inside the copy primitive, from the tensors really moved (never from
+formulas), per phase (prefill = token 0, decode = later tokens). With overlap on, loads and
+stores run in a small I/O thread pool and return futures; the engine waits on exactly the
+futures a step needs (one per buffer), never on everything. With overlap off the same calls
+run inline, one after the other: the honest ablation.
+
+    >>> link = Links()
+    >>> link.copy(dst, src, "cpu_to_gpu", token=1)
+    >>> link.bytes("decode")["cpu_to_gpu"]
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from flexgen_lab.engine import cuda_sync
+
+LINKS = ("cpu_to_gpu", "gpu_to_cpu", "disk_to_cpu", "cpu_to_disk")
+PHASES = ("prefill", "decode")
+
+
+def phase_of(token: int) -> str:
+    return "prefill" if token == 0 else "decode"
+
+
+class Links:
+    """The copy primitive: every byte crossing a link goes through copy/read/write here."""
+
+    def __init__(self):
+        self._bytes = {(p, link): 0 for p in PHASES for link in LINKS}
+        self._lock = threading.Lock()
+        self._op = threading.local()  # bytes moved by the op running in this thread
+
+    def _count(self, link: str, nbytes: int, token: int) -> None:
+        with self._lock:
+            self._bytes[(phase_of(token), link)] += nbytes
+        moved = getattr(self._op, "moved", None)
+        if moved is None:
+            moved = self._op.moved = {}
+        moved[link] = moved.get(link, 0) + nbytes
+
+    def take_op_bytes(self) -> dict[str, int]:
+        """Bytes per link this thread moved since the last call (for the op trace)."""
+        moved = getattr(self._op, "moved", None) or {}
+        self._op.moved = {}
+        return moved
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, link: str, token: int) -> None:
+        """dst <- src across `link` (the tiers may share a device: the copy is still real)."""
+        with cuda_sync.copy_stream(dst, src):
+            dst.copy_(src, non_blocking=False)
+        self._count(link, src.nbytes, token)
+
+    def read(self, file, offset: int, dst: torch.Tensor, token: int) -> None:
+        """disk -> cpu: fill the host tensor dst from the disk file at a byte offset."""
+        self._count("disk_to_cpu", file.read_into(offset, dst), token)
+
+    def write(self, file, offset: int, src: torch.Tensor, token: int) -> None:
+        """cpu -> disk."""
+        self._count("cpu_to_disk", file.write_from(offset, src), token)
+
+    def bytes(self, phase: str | None = None) -> dict[str, int]:
+        """Bytes per link, for one phase or both."""
+        phases = PHASES if phase is None else (phase,)
+        return {link: sum(self._bytes[(p, link)] for p in phases) for link in LINKS}
+
+
+class Executor:
+    """Runs I/O tasks: in a thread pool (overlap) or inline (no overlap), with dependencies."""
+
+    def __init__(self, overlap: bool, num_threads: int = 2,
+                 trace: Callable[[dict], None] | None = None):
+        self.pool = ThreadPoolExecutor(num_threads, thread_name_prefix="io") if overlap else None
+        self.trace = trace
+        self.origin = time.perf_counter()
+
+    def submit(self, fn: Callable[[], None], deps: list[Future | None], label: dict) -> Future:
+        """Run fn after its dependencies; label (op, token, layer, batch) goes in the trace."""
+        deps = [d for d in deps if d is not None]
+        if self.pool is None:
+            future: Future = Future()
+            wait(deps)
+            self._timed(fn, label)
+            future.set_result(None)
+            return future
+        return self.pool.submit(self._after, fn, deps, label)
+
+    def _after(self, fn, deps, label) -> None:
+        wait(deps)
+        self._timed(fn, label)
+
+    def _timed(self, fn, label) -> None:
+        start = time.perf_counter()
+        fn()
+        if self.trace is not None:
+            self.trace({**label, "start_s": start - self.origin,
+                        "end_s": time.perf_counter() - self.origin})
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def wait(futures: list[Future | None]) -> None:
+    """Block until every future is done; re-raise the first error."""
+    for f in futures:
+        if f is not None:
+            f.result()

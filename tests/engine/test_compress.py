@@ -1,0 +1,164 @@
+"""Group-wise quantisation: error within half a step per group, exact sizes, FlexGen's layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexgen_lab.engine.compress import (
+    CompressionConfig,
+    compressed_nbytes,
+    dequantize,
+    quantize,
+    roundtrip,
+)
+
+FP16_ROUND = 2.0**-11  # float16's relative rounding error (half an ulp)
+
+
+def error_bound(x: torch.Tensor, config: CompressionConfig) -> torch.Tensor:
+    """Per element of x: half a quantisation step of its group, plus float16/output rounding.
+
+    Groups come from the data alone (real elements only, padding excluded).
+    """
+    ax, g, q_max = config.group_dim % x.dim(), config.group_size, 2**config.bits - 1
+    rows = x.float().movedim(ax, -1)
+    n = rows.shape[-1]
+    num_groups = -(-n // g)
+    pad = num_groups * g - n
+    low = torch.nn.functional.pad(rows, (0, pad), value=float("inf"))
+    high = torch.nn.functional.pad(rows, (0, pad), value=float("-inf"))
+    low = low.reshape(*rows.shape[:-1], num_groups, g).amin(-1, keepdim=True)
+    high = high.reshape(*rows.shape[:-1], num_groups, g).amax(-1, keepdim=True)
+    min_rounding = low.abs() * FP16_ROUND + 1e-7  # +1e-7: float16 subnormals near 0
+    step = (high - low + min_rounding) / q_max
+    step = torch.maximum(step, torch.tensor(1 / torch.finfo(torch.float16).max))  # tiny ranges
+    per_group = step / 2 * (1 + 4 * FP16_ROUND) + min_rounding  # scale stored as float16
+    per_elem = per_group.expand(*rows.shape[:-1], num_groups, g).reshape(*rows.shape[:-1], -1)
+    out_rounding = rows.abs() * torch.finfo(x.dtype).eps  # casting x_hat back to x.dtype
+    return (per_elem[..., :n] + 2 * out_rounding).movedim(-1, ax)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(
+    "shape, group_dim",
+    [((100, 24), 0),  # weight (out, in), 100 = 64 + a padded group of 36
+     ((2, 3, 5, 128), -1),  # cache (b, heads, s, head_dim): 2 groups per row
+     ((2, 3, 5, 16), 3)],  # head_dim 16 < group 64: one padded group per row
+)
+def test_roundtrip_error_within_half_a_step(shape, group_dim, bits, dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3 + 1).to(dtype)
+    config = CompressionConfig(bits=bits, group_size=64, group_dim=group_dim)
+    x_hat = roundtrip(x, config)
+    assert x_hat.shape == x.shape and x_hat.dtype == dtype
+    assert torch.isfinite(x_hat).all()
+    err = (x_hat.float() - x.float()).abs()
+    assert (err <= error_bound(x, config)).all(), err.max()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_constant_and_padded_groups_are_finite_and_exact(bits):
+    x = torch.full((100, 4), 0.3)  # every group constant; the second padded (36 of 64 real)
+    x[:, 1] = 0.0
+    x[64:, 2] = -7.5  # constant groups with different values per column
+    config = CompressionConfig(bits=bits, group_size=64)
+    c = quantize(x, config)
+    assert torch.isfinite(c.scale_min.float()).all()
+    torch.testing.assert_close(dequantize(c), x.half().float(), rtol=0, atol=0)
+
+
+def test_head_dim_smaller_than_group_is_finite():
+    x = torch.randn(1, 2, 3, 16)
+    x[0, 0, 0] = 1.25  # one constant row
+    c = quantize(x, CompressionConfig(group_size=64, group_dim=-1))
+    assert c.data.shape == (1, 2, 3, 32) and c.scale_min.shape == (1, 2, 3, 1, 2)
+    x_hat = dequantize(c)
+    assert torch.isfinite(x_hat).all()
+    assert (x_hat[0, 0, 0] == 1.25).all()
+
+
+def test_storage_sizes_for_a_concrete_shape():
+    x = torch.randn(100, 48, dtype=torch.float16)
+    c4 = quantize(x, CompressionConfig(bits=4, group_size=64, group_dim=0))
+    num_groups, numel_padded = 2 * 48, 128 * 48
+    assert c4.data.dtype == torch.uint8 and c4.scale_min.dtype == torch.float16
+    assert c4.data.shape == (64, 48) and c4.scale_min.shape == (2, 2, 48)
+    assert c4.nbytes == numel_padded // 2 + num_groups * 2 * 2
+    c8 = quantize(x, CompressionConfig(bits=8, group_size=64, group_dim=0))
+    assert c8.data.shape == (128, 48)
+    assert c8.nbytes == numel_padded + num_groups * 2 * 2
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(
+    "shape, group_dim, group_size",
+    [((100, 48), 0, 64), ((7, 33), 1, 8), ((2, 3, 5, 16), -1, 64), ((4, 6, 10), 1, 4)],
+)
+def test_compressed_nbytes_matches_quantize(shape, group_dim, group_size, bits):
+    config = CompressionConfig(bits=bits, group_size=group_size, group_dim=group_dim)
+    assert compressed_nbytes(shape, config) == quantize(torch.randn(shape), config).nbytes
+
+
+def test_4bit_weight_is_under_30_percent_of_fp16():
+    w = torch.randn(2048, 2048, dtype=torch.float16)
+    c = quantize(w, CompressionConfig(bits=4, group_size=64, group_dim=0))
+    assert c.nbytes == compressed_nbytes(w.shape, c.config)
+    assert c.nbytes <= 0.30 * w.nbytes  # 0.5625 / 2 = 0.28
+
+
+def test_nibble_order_and_scale_min_layout():
+    # min 0, max 15 -> scale 1, codes equal the values: pairs (0, 15) and (5, 10)
+    x = torch.tensor([0.0, 15.0, 5.0, 10.0])
+    c = quantize(x, CompressionConfig(bits=4, group_size=4))
+    assert c.data.tolist() == [0x0F, 0x5A]  # even element high nibble, odd element low nibble
+    assert c.scale_min.tolist() == [[1.0, 0.0]]  # [scale, min] of the one group
+    c8 = quantize(torch.tensor([0.0, 255.0, 7.0, 100.0]), CompressionConfig(bits=8, group_size=4))
+    assert c8.data.tolist() == [0, 255, 7, 100]
+    # group_dim=0 on a matrix: rows 2t and 2t + 1 of a column share byte row t
+    w = torch.tensor([[0.0, 15.0], [15.0, 0.0], [5.0, 1.0], [10.0, 2.0]])
+    cw = quantize(w, CompressionConfig(bits=4, group_size=4, group_dim=0))
+    assert cw.data.tolist() == [[0x0F, 0xF0], [0x5A, 0x12]]  # column 1: scale 1, min 0
+    assert cw.scale_min.shape == (1, 2, 2)
+
+
+def test_appended_cache_row_quantizes_like_the_whole_cache():
+    torch.manual_seed(1)
+    cache = torch.randn(2, 4, 9, 128, dtype=torch.float16)  # (b, heads, s, head_dim)
+    config = CompressionConfig(bits=4, group_size=64, group_dim=-1)
+    whole = quantize(cache, config)
+    row = quantize(cache[:, :, -1:], config)
+    assert torch.equal(row.data, whole.data[:, :, -1:])
+    assert torch.equal(row.scale_min, whole.scale_min[:, :, -1:])
+
+
+def test_dequantize_writes_into_out():
+    x = torch.randn(70, 12, dtype=torch.bfloat16)
+    c = quantize(x, CompressionConfig())
+    out = torch.empty_like(x)
+    result = dequantize(c, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert torch.equal(out, dequantize(c))
+    with pytest.raises(ValueError, match="dtype"):
+        dequantize(c, out=torch.empty(70, 12))
+
+
+def test_to_moves_both_parts():
+    c = quantize(torch.randn(64, 4), CompressionConfig()).to("cpu")
+    assert c.data.device.type == c.scale_min.device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [(dict(bits=3), "bits=3"), (dict(bits=16), "bits=16"), (dict(group_size=0), "group_size=0"),
+     (dict(group_size=-64), "group_size=-64"), (dict(group_size=63), "group_size=63")],
+)
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        CompressionConfig(**kwargs)
+
+
+def test_group_dim_out_of_range_names_the_field():
+    with pytest.raises(ValueError, match="group_dim=2"):
+        quantize(torch.randn(4, 64), CompressionConfig(group_dim=2))
