@@ -15,17 +15,18 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from flexgen_lab import __version__, workload
+from flexgen_lab.callbacks import ProgressBar, TraceRecorder, chain
 from flexgen_lab.config import ConfigError, RunConfig, model_spec, parse_bytes, validate
 from flexgen_lab.engine.engine import Callbacks, Engine, Generation, Sampling
 from flexgen_lab.engine.memory import PeakRSS
 from flexgen_lab.engine.policy import Placement, Policy
+from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import open_weights
 from flexgen_lab.results.store import ResultStore
@@ -89,11 +90,7 @@ def check_built(cfg: RunConfig) -> None:
         missing.append(f"distributed={cfg.distributed.name} (pipeline parallelism)")
     if p.name == "search":
         missing.append("policy=search (the cost model and LP search)")
-    if not to_policy(cfg).all_resident:
-        missing.append("offloaded placements (policy.*.gpu < 1: the offloading engine)")
-    if p.compress_weight or p.compress_cache:
-        missing.append("compression (compress=weight|cache|both)")
-    if p.attn_sparsity < 1.0:
+    if p.attn_sparsity < 1.0 and p.name == "manual":
         missing.append("sparse attention (policy.attn_sparsity < 1)")
     if missing:
         raise NotBuiltError("not built yet: " + "; ".join(missing))
@@ -212,15 +209,15 @@ def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
     try:
         progress = ProgressBar(cfg, spec) if cfg.system.name == "flexgen_lab" else None
         with progress or contextlib.nullcontext():
-            gen, peaks, ids, mask = _execute(cfg, spec, device, dtype,
-                                             _chain(callbacks, tracer, progress))
+            gen, measured, ids, mask = _execute(cfg, spec, device, dtype, budgets,
+                                                chain(callbacks, tracer, progress))
     except BaseException as err:  # KeyboardInterrupt too: the row says how the run ended
         status = "oom" if type(err).__name__ == "BudgetExceeded" else "error"
         message = f"{type(err).__name__}: {err}"
         run_id = store.record_run({**row, "status": status, "error": message})
         raise RunFailed(message, run_id, status) from err
     row |= {"status": "ok", **metrics(gen, len(ids), cfg.workload.prompt_len,
-                                      cfg.workload.gen_len), **peaks}
+                                      cfg.workload.gen_len), **measured}
     tokens = [(n, prompt, out) for n, (prompt, out) in
               enumerate(zip(workload.unpadded(ids, mask), gen.output_ids.tolist(), strict=True))]
     run_id = store.record_run(row, tokens=tokens, trace=tracer.rows if tracer else None)
@@ -228,13 +225,14 @@ def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
 
 
 def _execute(cfg: RunConfig, spec: ModelSpec, device: torch.device, dtype: str,
-             callbacks: Callbacks | None):
+             budgets: dict[str, int], callbacks: Callbacks | None):
     """Build weights, prompts and the system; generate once; measure memory around it."""
     policy = to_policy(cfg)
     num_prompts = cfg.workload.num_prompts or policy.block_size
     ids, mask = make_prompts(cfg, spec, num_prompts)
     weights = open_weights(spec.name, cfg.model.path, cfg.seed)
     torch_dtype = TORCH_DTYPES[dtype]
+    extra: dict = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode(), PeakRSS() as rss:
@@ -245,68 +243,28 @@ def _execute(cfg: RunConfig, spec: ModelSpec, device: torch.device, dtype: str,
             gen = hf_generate.generate(model, ids, mask, cfg.workload.gen_len,
                                        policy.gpu_batch_size)
         else:
-            engine = Engine(spec, weights, policy, cfg.schedule.name, device, torch_dtype,
-                            callbacks)
+            tiers = Tiers(budgets["gpu"], budgets["cpu"], budgets["disk"], device,
+                          policy.pin_memory)
             sampling = Sampling(cfg.workload.temperature, cfg.seed, cfg.workload.stop_token)
-            gen = engine.generate(ids, mask, cfg.workload.gen_len, sampling)
-    peaks = {"peak_rss_bytes": rss.peak_bytes,
-             "peak_cuda_bytes": torch.cuda.max_memory_allocated(device)
-             if device.type == "cuda" else None}
-    return gen, peaks, ids, mask
+            with Engine(spec, weights, policy, cfg.schedule.name, device, torch_dtype,
+                        callbacks, tiers, cfg.engine.offload_dir, cfg.engine.disk_io) as engine:
+                gen = engine.generate(ids, mask, cfg.workload.gen_len, sampling)
+                extra = engine_columns(engine, tiers, gen)
+    extra |= {"peak_rss_bytes": rss.peak_bytes,
+              "peak_cuda_bytes": torch.cuda.max_memory_allocated(device)
+              if device.type == "cuda" else None}
+    return gen, extra, ids, mask
 
 
-class TraceRecorder(Callbacks):
-    """Collects the engine's compute steps as trace rows (DESIGN.md's trace table)."""
-
-    def __init__(self):
-        self.origin = time.perf_counter()
-        self.rows: list[dict] = []
-
-    def on_step(self, step, start_s: float, end_s: float) -> None:
-        self.rows.append(dict(rank=0, stage=0, device="compute", op="compute",
-                              token=step.token, layer=step.layer, batch=step.batch, link=None,
-                              bytes=0, start_s=start_s - self.origin, end_s=end_s - self.origin))
-
-
-class ProgressBar(Callbacks):
-    """A tqdm bar over compute steps; it shows only on a terminal and for long runs."""
-
-    def __init__(self, cfg: RunConfig, spec: ModelSpec):
-        from tqdm import tqdm
-
-        p = cfg.policy
-        blocks = (cfg.workload.num_prompts or p.gpu_batch_size * p.num_gpu_batches) // (
-            p.gpu_batch_size * p.num_gpu_batches)
-        total = blocks * cfg.workload.gen_len * (spec.num_layers + 2) * p.num_gpu_batches
-        self.bar = tqdm(total=total, unit="step", desc="generate", disable=None, delay=2.0,
-                        leave=False)
-
-    def on_step(self, step, start_s, end_s) -> None:
-        self.bar.update()
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bar.close()
-
-
-class CallbackList(Callbacks):
-    def __init__(self, items: list[Callbacks]):
-        self.items = items
-
-    def on_logits(self, token, batch, logits) -> None:
-        for item in self.items:
-            item.on_logits(token, batch, logits)
-
-    def on_step(self, step, start_s, end_s) -> None:
-        for item in self.items:
-            item.on_step(step, start_s, end_s)
-
-
-def _chain(*callbacks: Callbacks | None) -> Callbacks | None:
-    items = [c for c in callbacks if c is not None]
-    return CallbackList(items) if len(items) > 1 else (items[0] if items else None)
+def engine_columns(engine: Engine, tiers: Tiers, gen: Generation) -> dict:
+    """Bytes per link (both phases), accounted peaks per tier, placement asked vs achieved."""
+    links = {link: gen.link_bytes["prefill"][link] + gen.link_bytes["decode"][link]
+             for link in gen.link_bytes["prefill"]}
+    peaks = tiers.peaks()
+    return {**{f"bytes_{link}": n for link, n in links.items()},
+            **{f"peak_{tier}_bytes": n for tier, n in peaks.items()},
+            "placement_json": json.dumps(engine.placement_report()),
+            "link_bytes_json": json.dumps(gen.link_bytes)}
 
 
 __all__ = ["run", "prepare", "RunResult", "RunFailed", "NotBuiltError", "model_spec"]

@@ -56,7 +56,8 @@ def test_trace_records_every_compute_step(tmp_path):
     cfg.trace = True
     run_id = run(cfg).run_id
     trace = ResultStore(cfg.store.path).trace(run_id)
-    assert len(trace) == 8 * (2 + 2) * 2  # tokens x (layers + embed + head) x GPU batches
+    computes = trace[trace.op == "compute"]
+    assert len(computes) == 8 * (2 + 2) * 2  # tokens x (layers + embed + head) x GPU batches
     assert (trace.end_s >= trace.start_s).all()
 
 
@@ -100,3 +101,39 @@ def test_hf_system_gives_the_engines_tokens(tmp_path):
     theirs.policy.num_gpu_batches = 1
     theirs.workload = dataclasses.replace(theirs.workload, num_prompts=6)
     assert torch.equal(run(ours).generation.output_ids, run(theirs).generation.output_ids)
+
+
+def test_over_budget_run_is_stored_as_oom_and_leaves_no_scratch(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.hardware.gpu_mem = "64KiB"
+    cfg.policy.cache.gpu, cfg.policy.cache.cpu = 0.0, 0.0
+    cfg.engine.offload_dir = str(tmp_path / "offload")
+    with pytest.raises(RunFailed) as err:
+        run(cfg)
+    assert err.value.status == "oom" and "gpu tier" in str(err.value)
+    row = ResultStore(cfg.store.path).runs().iloc[0]
+    assert row.status == "oom" and "BudgetExceeded" in row.error
+    offload = tmp_path / "offload"
+    assert not offload.exists() or not [p for p in offload.iterdir() if p.name.startswith("run-")]
+
+
+def test_offloaded_run_stores_links_peaks_and_placement(tmp_path):
+    import json
+
+    cfg = tiny_config(tmp_path)
+    cfg.policy.weights.gpu, cfg.policy.weights.cpu = 0.25, 0.5
+    cfg.policy.cache.gpu, cfg.policy.cache.cpu = 0.0, 1.0
+    cfg.policy.cpu_delegation = True
+    cfg.engine.offload_dir = str(tmp_path / "offload")
+    resident = run(tiny_config(tmp_path)).generation.output_ids
+    result = run(cfg)
+    assert torch.equal(result.generation.output_ids, resident)
+    row = ResultStore(cfg.store.path).runs().iloc[-1]
+    assert row.bytes_cpu_to_gpu > 0 and row.bytes_disk_to_cpu > 0 and row.bytes_cpu_to_disk == 0
+    assert row.peak_gpu_bytes > 0 and row.peak_cpu_bytes > 0 and row.peak_disk_bytes > 0
+    placement = json.loads(row.placement_json)
+    weights = placement["weights"]
+    total = sum(t["achieved"] for t in weights.values())
+    for tier in ("gpu", "cpu", "disk"):
+        assert abs(weights[tier]["achieved"] - weights[tier]["asked"]) < 0.02 * total
+    assert json.loads(row.link_bytes_json)["decode"]["cpu_to_gpu"] > 0

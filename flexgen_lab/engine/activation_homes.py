@@ -46,6 +46,15 @@ class ActivationHomes:
                 self.disk[k] = disk_dir.file(f"activations_batch{k}",
                                              elems * _itemsize(self.dtype))
 
+    def home_bytes(self) -> dict[str, int]:
+        """Bytes at home per tier, sized for prefill (the largest activations)."""
+        total: dict[str, int] = {}
+        for ranges in self.ranges:
+            for tier, (a, b) in ranges.items():
+                n = (b - a) * self.row_elems * _itemsize(self.dtype)
+                total[tier] = total.get(tier, 0) + n
+        return total
+
     def store(self, k: int, x: torch.Tensor, links: Links, token: int) -> None:
         """x (b, t, h) on the compute side -> batch k's home."""
         for tier, (a, b) in self.ranges[k].items():

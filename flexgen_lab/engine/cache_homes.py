@@ -150,10 +150,10 @@ class CacheHomes:
         return tuple(out)
 
     def home_bytes(self) -> dict[str, int]:
+        """Bytes of cache at home per tier (disk files round each array up to 4 KiB more)."""
         total: dict[str, int] = {}
         for segs in self.segments.values():
             for tier, seg in segs.items():
-                n = seg.disk_bytes if tier == "disk" else sum(a.nbytes
-                                                              for a in seg.arrays.values())
+                n = sum(_nbytes(shape, dtype) for shape, dtype in seg.shapes.values())
                 total[tier] = total.get(tier, 0) + n
         return total

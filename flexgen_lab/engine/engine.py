@@ -55,11 +55,25 @@ class Engine:
         self.disk_io = disk_io
         self._scratch: DiskDir | None = None
         self._weight_cache: WeightCache | None = None
+        self.placed: dict[str, dict[str, int]] = {}  # kind -> tier -> bytes achieved
         try:
             self.weights = self._place_weights(weights)
         except BaseException:
             self.close()
             raise
+        self.placed["weights"] = self.weights.tier_bytes()
+
+    def placement_report(self) -> dict:
+        """Asked (share x total) and achieved bytes per tier for weights, cache, activations."""
+        shares = {"weights": self.policy.weights, "cache": self.policy.cache,
+                  "activations": self.policy.activations}
+        report = {}
+        for kind, achieved in self.placed.items():
+            total = sum(achieved.values())
+            report[kind] = {tier: {"asked": getattr(shares[kind], tier) * total,
+                                   "achieved": achieved.get(tier, 0)}
+                            for tier in ("gpu", "cpu", "disk")}
+        return report
 
     def _place_weights(self, source) -> WeightHomes:
         p = self.policy
@@ -91,6 +105,7 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen_len: int,
                  sampling: Sampling | None = None) -> Generation:
         """input_ids, attention_mask (num_prompts, prompt_len), left padded, whole blocks."""
@@ -134,6 +149,8 @@ class BlockRun:
                                 engine.tiers, engine.dtype, config, disk_dir)
         self.acts = ActivationHomes(spec, p.activations, p.gpu_batch_size, len(batches),
                                     self.prompt_len, engine.tiers, engine.dtype, disk_dir)
+        engine.placed["cache"] = self.cache.home_bytes()
+        engine.placed["activations"] = self.acts.home_bytes()
         self.attention = CacheAttention(self.cache, engine.tiers, p.cpu_delegation)
         self.attention.start_block(self.prompt_len)
         self.executor = Executor(p.overlap, trace=self._trace)

@@ -98,7 +98,8 @@ class Executor:
 
     def _timed(self, fn, label) -> None:
         start = time.perf_counter()
-        fn()
+        with torch.inference_mode():  # grad mode is per thread; homes may be inference tensors
+            fn()
         if self.trace is not None:
             self.trace({**label, "start_s": start - self.origin,
                         "end_s": time.perf_counter() - self.origin})

@@ -1,0 +1,122 @@
+"""Budgets are enforced, scratch files never outlive a run, disk bytes stay on disk, overlap
+is real (the trace shows loads running during computes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from flexgen_lab.engine.batch import Callbacks
+from flexgen_lab.engine.engine import Engine
+from flexgen_lab.engine.policy import Placement, Policy
+from flexgen_lab.engine.tiers import BudgetExceeded, Tiers
+from flexgen_lab.models.spec import ModelSpec
+from flexgen_lab.models.weights import DummyWeights
+from flexgen_lab.workload import synthetic_prompts
+
+GiB = 2**30
+
+
+def scratch_dirs(root):
+    return [p for p in root.iterdir() if p.name.startswith("run-")] if root.exists() else []
+
+
+def test_weights_over_the_gpu_budget_fail_before_generating(tmp_path):
+    spec = ModelSpec.from_name("opt-tiny")
+    tiers = Tiers(gpu=spec.weight_bytes(4) // 2, cpu=GiB, disk=GiB, device="cpu")
+    with pytest.raises(BudgetExceeded) as err:
+        Engine(spec, DummyWeights(spec, 0), Policy(), tiers=tiers, offload_dir=tmp_path)
+    assert err.value.tier == "gpu" and "weights" in str(err.value)
+
+
+def test_cache_over_budget_fails_at_block_start_and_leaves_no_scratch(tmp_path):
+    spec = ModelSpec.from_name("opt-tiny")
+    policy = Policy(gpu_batch_size=4, cache=Placement(0, 0))  # cache on disk: scratch is made
+    tiers = Tiers(gpu=GiB, cpu=GiB, disk=1000, device="cpu")
+    ids, mask = synthetic_prompts(spec, 4, 32, seed=0)
+    with Engine(spec, DummyWeights(spec, 0), policy, tiers=tiers,
+                offload_dir=tmp_path) as engine:
+        with pytest.raises(BudgetExceeded, match="disk tier"):
+            engine.generate(ids, mask, 8)
+    assert scratch_dirs(tmp_path) == []
+
+
+class Interrupt(Callbacks):
+    def on_step(self, step, start_s, end_s):
+        if step.token == 2:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_removes_its_scratch(tmp_path):
+    spec = ModelSpec.from_name("llama-tiny")
+    policy = Policy(gpu_batch_size=2, cache=Placement(0, 0), activations=Placement(0, 0))
+    ids, mask = synthetic_prompts(spec, 2, 8, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        with Engine(spec, DummyWeights(spec, 0), policy, callbacks=Interrupt(),
+                    offload_dir=tmp_path) as engine:
+            assert len(scratch_dirs(tmp_path)) == 0  # made lazily, at the first block
+            engine.generate(ids, mask, 6)
+    assert scratch_dirs(tmp_path) == []
+
+
+def test_accounted_peaks_cover_homes_and_staging(tmp_path):
+    spec = ModelSpec.from_name("opt-tiny")
+    tiers = Tiers(gpu=GiB, cpu=GiB, disk=GiB, device="cpu")
+    policy = Policy(gpu_batch_size=2, weights=Placement(0.5, 0.25))
+    with Engine(spec, DummyWeights(spec, 0), policy, tiers=tiers,
+                offload_dir=tmp_path) as engine:
+        ids, mask = synthetic_prompts(spec, 2, 8, seed=0)
+        engine.generate(ids, mask, 4)
+        placed = engine.placed["weights"]
+    assert placed["disk"] > 0 and tiers["disk"].peak >= placed["disk"]
+    assert tiers["cpu"].peak >= placed["cpu"] and tiers["gpu"].peak > placed["gpu"]
+
+
+def rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon")
+
+
+def test_disk_resident_weights_live_in_files_not_in_memory(tmp_path):
+    spec = ModelSpec(name="wide", family="opt", num_layers=6, hidden=512, num_heads=8,
+                     num_kv_heads=8, ffn=2048, vocab=512, max_positions=128)
+    weight_bytes = spec.weight_bytes(4)  # about 76 MB in float32
+    before = rss_anon()
+    with Engine(spec, DummyWeights(spec, 0), Policy(weights=Placement(0, 0)),
+                offload_dir=tmp_path) as engine:
+        grown = rss_anon() - before
+        files = sum(p.stat().st_size for p in (tmp_path / "weight_cache").rglob("*.bin"))
+        assert engine.placed["weights"]["disk"] == weight_bytes
+    assert files >= weight_bytes
+    assert grown < 0.25 * weight_bytes, f"{grown} bytes of anonymous memory for disk weights"
+
+
+class OpTrace(Callbacks):
+    def __init__(self):
+        self.ops = []
+
+    def on_op(self, record):
+        self.ops.append(record)
+
+
+def test_trace_shows_the_next_layers_weights_loading_during_compute(tmp_path):
+    spec = ModelSpec(name="mid", family="llama", num_layers=4, hidden=256, num_heads=4,
+                     num_kv_heads=2, ffn=1024, vocab=512, max_positions=256)
+    trace = OpTrace()
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, weights=Placement(0, 1))
+    ids, mask = synthetic_prompts(spec, 8, 64, seed=0)
+    with Engine(spec, DummyWeights(spec, 0), policy, callbacks=trace,
+                offload_dir=tmp_path) as engine:
+        engine.generate(ids, mask, 3)
+    computes = {(r["token"], r["layer"], r["batch"]): r for r in trace.ops if r["op"] == "compute"}
+    early = [r for r in trace.ops if r["op"] == "load_weight" and r["layer"] > 1
+             and r["start_s"] < computes[(r["token"], r["layer"] - 1, 0)]["end_s"]]
+    assert early, "no weight load started before the previous layer's compute ended"
+    inline = OpTrace()
+    with Engine(spec, DummyWeights(spec, 0), Policy(**{**policy.__dict__, "overlap": False}),
+                callbacks=inline, offload_dir=tmp_path) as engine:
+        engine.generate(ids, mask, 3)
+    spans = sorted((r["start_s"], r["end_s"]) for r in inline.ops)
+    assert all(a_end <= b_start + 1e-6 for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
