@@ -119,4 +119,5 @@ def test_trace_shows_the_next_layers_weights_loading_during_compute(tmp_path):
                 callbacks=inline, offload_dir=tmp_path) as engine:
         engine.generate(ids, mask, 3)
     spans = sorted((r["start_s"], r["end_s"]) for r in inline.ops)
-    assert all(a_end <= b_start + 1e-6 for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
+    pairs = zip(spans, spans[1:], strict=False)
+    assert all(a_end <= b_start + 1e-6 for (_, a_end), (b_start, _) in pairs)
