@@ -38,20 +38,20 @@ class ActivationHomes:
             elems = (b - a) * self.row_elems
             what = f"activations: batch {k} {tier}"
             if tier == "gpu":  # the live output tensor's rows: accounted, not copied
-                self.tiers["gpu"].reserve(elems * _itemsize(self.dtype), what)
+                self.tiers["gpu"].reserve(elems * self.dtype.itemsize, what)
             elif tier == "cpu":
                 self.cpu[k] = self.tiers.empty("cpu", (elems,), self.dtype, what)
             else:
-                self.tiers["disk"].reserve(elems * _itemsize(self.dtype), what)
+                self.tiers["disk"].reserve(elems * self.dtype.itemsize, what)
                 self.disk[k] = disk_dir.file(f"activations_batch{k}",
-                                             elems * _itemsize(self.dtype))
+                                             elems * self.dtype.itemsize)
 
     def home_bytes(self) -> dict[str, int]:
         """Bytes at home per tier, sized for prefill (the largest activations)."""
         total: dict[str, int] = {}
         for ranges in self.ranges:
             for tier, (a, b) in ranges.items():
-                n = (b - a) * self.row_elems * _itemsize(self.dtype)
+                n = (b - a) * self.row_elems * self.dtype.itemsize
                 total[tier] = total.get(tier, 0) + n
         return total
 
@@ -96,7 +96,3 @@ class ActivationHomes:
             self._slots[name] = self.tiers.empty(tier, (elems,), self.dtype,
                                                  f"activations: {name}")
         return self._slots[name]
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -18,7 +18,7 @@ import torch
 from flexgen_lab.engine import compress
 from flexgen_lab.engine.placement import batch_ranges, split_units
 from flexgen_lab.engine.policy import Placement
-from flexgen_lab.engine.tiers import Tiers
+from flexgen_lab.engine.tiers import Tiers, nbytes_of
 from flexgen_lab.engine.transfer import Links
 
 
@@ -31,7 +31,7 @@ class Segment:
         self.shapes = shapes  # array name -> (shape, dtype), e.g. "k.data" -> ((S, n, ...), u8)
         self.arrays: dict[str, torch.Tensor] = {}
         self.offsets: dict[str, int] = {}
-        self.row_bytes = {name: _nbytes(shape[1:], dtype) for name, (shape, dtype) in
+        self.row_bytes = {name: nbytes_of(shape[1:], dtype) for name, (shape, dtype) in
                           shapes.items()}
         self.what = what
         if tier == "disk":
@@ -88,13 +88,6 @@ class Segment:
                 links.read(self.file, self.offsets[name], buf, token)
                 if to_compute:
                     links.copy(target, buf, "cpu_to_gpu", token)
-
-
-def _nbytes(shape, dtype) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
-    for d in shape:
-        n *= d
-    return n
 
 
 def stored_shapes(S: int, n: int, spec, dtype: torch.dtype,
@@ -154,6 +147,6 @@ class CacheHomes:
         total: dict[str, int] = {}
         for segs in self.segments.values():
             for tier, seg in segs.items():
-                n = sum(_nbytes(shape, dtype) for shape, dtype in seg.shapes.values())
+                n = sum(nbytes_of(shape, dtype) for shape, dtype in seg.shapes.values())
                 total[tier] = total.get(tier, 0) + n
         return total

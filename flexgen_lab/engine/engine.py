@@ -230,6 +230,8 @@ class BlockRun:
 
     def load_cache(self, op) -> None:
         layer = op.layer - 1
+        if list(self.cache.segments[(layer, op.batch)]) == ["gpu"]:
+            return  # read in place: nothing to move
         slot = self.counts["cache_loads"] % 2
         self.counts["cache_loads"] += 1
         deps = [self.cache_stores.get((layer, op.batch))]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from flexgen_lab.engine.tiers import Tiers
+from flexgen_lab.engine.tiers import Tiers, nbytes_of
 from flexgen_lab.engine.transfer import Links
 
 
@@ -19,7 +19,7 @@ class SplitArray:
     def __init__(self, tiers: Tiers, shape: tuple[int, ...], dtype: torch.dtype,
                  rows: dict[str, tuple[int, int]], what: str, disk=None, disk_offset: int = 0):
         self.tiers, self.shape, self.dtype, self.rows, self.what = tiers, shape, dtype, rows, what
-        self.row_bytes = _numel(shape[1:]) * _itemsize(dtype)
+        self.row_bytes = nbytes_of(shape[1:], dtype)
         self.parts: dict[str, torch.Tensor] = {}
         for tier in ("gpu", "cpu"):
             if tier in rows:
@@ -74,13 +74,3 @@ class SplitArray:
             start, stop = self.rows["disk"]
             self.tiers["disk"].release((stop - start) * self.row_bytes, self.what)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

@@ -12,6 +12,7 @@ Without a GPU the gpu tier is the compute side's budget in host memory, enforced
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -75,7 +76,7 @@ class Tiers:
     def empty(self, tier: str, shape: tuple[int, ...], dtype: torch.dtype,
               what: str) -> torch.Tensor:
         """An accounted tensor on the gpu tier (compute device) or the cpu tier (host)."""
-        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = nbytes_of(shape, dtype)
         self.tiers[tier].reserve(nbytes, what)
         if tier == "gpu":
             return torch.empty(shape, dtype=dtype, device=self.device)
@@ -98,8 +99,6 @@ class Tiers:
         return {name: tier.peak for name, tier in self.tiers.items()}
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def nbytes_of(shape, dtype: torch.dtype) -> int:
+    """Bytes of a tensor of this shape and dtype (without making one)."""
+    return math.prod(shape) * dtype.itemsize

@@ -10,6 +10,7 @@ identity, dtype, compression), written once and reused by later runs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from flexgen_lab.engine.disk import ALIGN, DiskFile
 from flexgen_lab.engine.placement import split_units
 from flexgen_lab.engine.policy import Placement
 from flexgen_lab.engine.split_array import SplitArray
-from flexgen_lab.engine.tiers import Tiers
+from flexgen_lab.engine.tiers import Tiers, nbytes_of
 from flexgen_lab.engine.transfer import Links
 from flexgen_lab.models.weights import part_names
 
@@ -116,19 +117,15 @@ class PartHome:
     def __init__(self, tensors: dict[str, TensorHome]):
         self.tensors = tensors
 
-    @property
+    @functools.cached_property
     def resident(self) -> bool:
         """Everything on the gpu tier, uncompressed: compute reads the homes directly."""
         return all(t.config is None and t.arrays["value"].only_gpu is not None
                    for t in self.tensors.values())
 
-    def tier_bytes(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for t in self.tensors.values():
-            for array in t.arrays.values():
-                for tier, n in array.tier_bytes().items():
-                    total[tier] = total.get(tier, 0) + n
-        return total
+    @functools.cached_property
+    def resident_view(self) -> dict[str, torch.Tensor]:
+        return {name: t.arrays["value"].only_gpu for name, t in self.tensors.items()}
 
     def stage_bytes(self) -> int:
         """cpu-tier bytes needed to bounce this part's disk rows on their way to the gpu."""
@@ -193,6 +190,8 @@ class WeightHomes:
     def compute_view(self, index: int, buffers: dict | None) -> dict[str, torch.Tensor]:
         """Tensors compute can use: homes, loaded slots, or dequantised copies of them."""
         part = self.parts[index]
+        if part.resident:
+            return part.resident_view
         out = {}
         for name, tensor in part.tensors.items():
             arrays = {a: (h.only_gpu if h.only_gpu is not None else buffers[name][a])
@@ -208,7 +207,7 @@ class WeightHomes:
     def dequant_bytes(self, index: int) -> int:
         """gpu-tier bytes of the dequantised weights of one part (an intermediate)."""
         part = self.parts[index]
-        return sum(_nbytes(t.shape, t.dtype) for t in part.tensors.values() if t.config)
+        return sum(nbytes_of(t.shape, t.dtype) for t in part.tensors.values() if t.config)
 
     def _slot(self, index: int, slot: int) -> dict:
         key = (self.kind(index), slot)
@@ -242,10 +241,3 @@ class WeightHomes:
                     for tier, n in array.tier_bytes().items():
                         total[tier] = total.get(tier, 0) + n
         return total
-
-
-def _nbytes(shape, dtype) -> int:
-    n = torch.empty((), dtype=dtype).element_size()
-    for d in shape:
-        n *= d
-    return n

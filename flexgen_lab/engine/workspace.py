@@ -21,7 +21,7 @@ def step_workspace_bytes(spec: ModelSpec, batch: int, tokens: int, keys: int,
     scores if materialised (b nh t s); MLP hidden (2 b t ffn: up and gate or activation);
     logits of the last position in fp32 (b v 4 bytes).
     """
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     b, t, s = batch, tokens, keys
     elements = (2 * b * t * spec.hidden + b * t * (2 * spec.q_dim + 2 * spec.kv_dim)
                 + b * spec.num_heads * t * s + 2 * b * t * spec.ffn)
