@@ -26,6 +26,7 @@ from flexgen_lab.engine.batch import BatchState, Callbacks, Generation, Sampling
 from flexgen_lab.engine.cache_homes import CacheHomes
 from flexgen_lab.engine.compress import CompressionConfig
 from flexgen_lab.engine.disk import DiskDir
+from flexgen_lab.engine.memory import release_free_heap
 from flexgen_lab.engine.policy import Policy
 from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.engine.transfer import Executor, Links, wait
@@ -62,6 +63,7 @@ class Engine:
             self.close()
             raise
         self.placed["weights"] = self.weights.tier_bytes()
+        release_free_heap()
 
     def placement_report(self) -> dict:
         """Asked (share x total) and achieved bytes per tier for weights, cache, activations."""
