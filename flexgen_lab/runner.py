@@ -90,8 +90,6 @@ def check_built(cfg: RunConfig) -> None:
         missing.append(f"distributed={cfg.distributed.name} (pipeline parallelism)")
     if p.name == "search":
         missing.append("policy=search (the cost model and LP search)")
-    if p.attn_sparsity < 1.0 and p.name == "manual":
-        missing.append("sparse attention (policy.attn_sparsity < 1)")
     if missing:
         raise NotBuiltError("not built yet: " + "; ".join(missing))
 

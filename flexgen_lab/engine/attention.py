@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from flexgen_lab.engine import compress
 from flexgen_lab.engine.cache_homes import CacheHomes, Segment, stored_shapes
 from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.engine.transfer import Links
@@ -25,8 +26,13 @@ NUM_SLOTS = 2  # double buffering: the next batch's cache loads while this one c
 class CacheAttention:
     """Loads, attends over and stores the KV cache of one block, with its staging buffers."""
 
-    def __init__(self, homes: CacheHomes, tiers: Tiers, delegate: bool):
+    def __init__(self, homes: CacheHomes, tiers: Tiers, delegate: bool, sparsity: float = 1.0,
+                 renormalize: bool = False):
         self.homes, self.tiers, self.delegate = homes, tiers, delegate
+        self.sparsity, self.renormalize = sparsity, renormalize
+        # sparse decode loads only keys: values are gathered after the top-k is known
+        names = stored_shapes(1, 1, homes.spec, homes.dtype, homes.config)
+        self.load_names = [n for n in names if n.startswith("k") or sparsity >= 1.0]
         self.device, self.dtype = tiers.device, homes.dtype
         self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}
 
@@ -53,10 +59,10 @@ class CacheAttention:
                 continue  # read in place
             bounce = self._buffer("bounce", tier, slot, "cpu", True) if tier == "disk" else None
             if self.delegate:  # disk rows land in a cpu workspace, next to the CPU attention
-                seg.read_prefix(bounce, past, links, token, None, to_compute=False)
+                seg.read_prefix(bounce, past, links, token, None, False, self.load_names)
             else:
                 stage = self._buffer("stage", tier, slot, "gpu", True)
-                seg.read_prefix(stage, past, links, token, bounce, to_compute=True)
+                seg.read_prefix(stage, past, links, token, bounce, True, self.load_names)
 
     def _past(self, batch: int, token: int) -> int:
         return self._prompt_len + token - 1
@@ -78,8 +84,13 @@ class CacheAttention:
             if cpu_side:  # only q and the new row cross the link, then the output back
                 q_seg = self._to_cpu(q_seg, links, token)
                 fresh = {kv: self._to_cpu(r, links, token) for kv, r in fresh.items()}
-            k, v, store = self._keys_values(tier, seg, slot, p, fresh, cpu_side)
-            out = _attend(q_seg, k, v, key_mask[a:b, :p + 1], scale)
+            if self.sparsity < 1.0:
+                out = self._sparse(tier, seg, slot, p, q_seg, fresh, cpu_side,
+                                   key_mask[a:b, :p + 1], scale, links, token)
+                store = tier != "gpu"
+            else:
+                k, v, store = self._keys_values(tier, seg, slot, p, fresh, cpu_side)
+                out = _attend(q_seg, k, v, key_mask[a:b, :p + 1], scale)
             if cpu_side:
                 back = torch.empty(out.shape, dtype=out.dtype, device=self.device)
                 links.copy(back, out, "cpu_to_gpu", token)
@@ -90,8 +101,11 @@ class CacheAttention:
         return torch.cat(outs) if len(outs) > 1 else outs[0], pending
 
     def _keys_values(self, tier: str, seg: Segment, slot: int, p: int, fresh: dict,
-                     cpu_side: bool):
-        """(k, v) rows [0, p] for attention, and whether the new row still needs storing."""
+                     cpu_side: bool, kinds: str = "kv"):
+        """(k, v) rows [0, p] for attention, and whether the new row still needs storing.
+
+        kinds="k" (sparse decode) prepares keys only; v is then None.
+        """
         if tier == "gpu":
             source = seg.arrays
         elif cpu_side:
@@ -100,20 +114,61 @@ class CacheAttention:
         else:
             source = self._buffer("stage", tier, slot, "gpu", True)
         if self.homes.config is None:
-            for kv in "kv":  # the exact new row joins the past in place
+            writes = "kv" if tier == "gpu" or cpu_side else kinds  # homes get both rows
+            for kv in writes:  # the exact new row joins the past in place
                 source[kv][p:p + 1].copy_(fresh[kv])
             needs_store = tier == "disk" or (tier == "cpu" and not cpu_side)
-            return source["k"][:p + 1], source["v"][:p + 1], needs_store
+            rows = [source[kv][:p + 1] if kv in kinds else None for kv in "kv"]
+            return rows[0], rows[1], needs_store
         place = "cpu" if cpu_side else "gpu"
         work = self._buffer(f"dequant on {place}", tier, 0, place, False)
-        past = self.homes.unpack(source, p)
-        for kv, value in zip("kv", past, strict=True):
+        past = self.homes.unpack(source, p, kinds)
+        for kv, value in zip(kinds, past, strict=True):
             work[kv][:p].copy_(value)
             work[kv][p:p + 1].copy_(fresh[kv])
         if tier == "gpu":  # its store is a device-local write: do it now
             seg.write_rows(self.homes.stored(fresh["k"], fresh["v"]), p, links=None, token=0,
                            stage=None, rows_on_cpu=False)
-        return work["k"][:p + 1], work["v"][:p + 1], tier != "gpu"
+        rows = [work[kv][:p + 1] if kv in kinds else None for kv in "kv"]
+        return rows[0], rows[1], tier != "gpu"
+
+    def _sparse(self, tier, seg, slot, p, q, fresh, cpu_side, key_mask, scale, links, token):
+        """Top-k over the value cache: all keys score, only the chosen k + 1 value rows load."""
+        k, _, _ = self._keys_values(tier, seg, slot, p, fresh, cpu_side, kinds="k")
+        probs, top, chosen = sparse_choice(q, k, key_mask, scale, self.sparsity)
+        values = self._gather_values(tier, seg, chosen, slot, cpu_side, links, token)
+        return sparse_combine(probs, top, values, fresh["v"], self.renormalize, q)
+
+    def _gather_values(self, tier, seg, chosen, slot, cpu_side, links, token):
+        """Value rows at `chosen` (n, nh, k) positions -> (n, nh, k, d) where attention runs."""
+        n, nh, _ = chosen.shape
+        group = nh // self.homes.spec.num_kv_heads
+        names = [name for name in seg.shapes if name.startswith("v")]
+        if tier == "disk":  # read each chosen position's row once, then pick the vectors
+            positions = torch.unique(chosen.cpu())
+            bounce = self._buffer("bounce", tier, slot, "cpu", True)
+            seg.read_rows(bounce, positions.tolist(), links, token, names)
+            source = {name: bounce[name][:len(positions)] for name in names}
+            chosen = torch.searchsorted(positions, chosen.cpu())
+        else:
+            source = {name: seg.arrays[name] for name in names}
+        where = source[names[0]].device
+        idx = chosen.to(where)
+        seqs = torch.arange(n, device=where)[:, None, None]
+        heads = (torch.arange(nh, device=where) // group)[None, :, None]
+        picked = {name: source[name][idx, seqs, heads] for name in names}  # (n, nh, k, ...)
+        if tier != "gpu" and not cpu_side:  # only the chosen rows cross to the compute side
+            moved = {}
+            for name, value in picked.items():
+                moved[name] = torch.empty(value.shape, dtype=value.dtype, device=self.device)
+                links.copy(moved[name], value, "cpu_to_gpu", token)
+            picked = moved
+        if self.homes.config is None:
+            return picked["v"]
+        data, scales = picked["v.data"], picked["v.scale_min"]
+        shape = (*data.shape[:-1], self.homes.spec.head_dim)
+        return compress.dequantize(compress.Compressed(data, scales, shape, self.dtype,
+                                                       self.homes.config))
 
     def _to_cpu(self, x: torch.Tensor, links: Links, token: int) -> torch.Tensor:
         out = torch.empty(x.shape, dtype=x.dtype, device="cpu")
@@ -152,3 +207,30 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.T
     v = v.permute(1, 2, 0, 3).to(compute_dtype)
     out = ops.attention(q.to(compute_dtype), k, v, key_mask[:, None, None, :], scale)
     return out.to(q.dtype)
+
+
+def sparse_choice(q, k, key_mask, scale: float, sparsity: float):
+    """Softmax over every key, then the top int(sparsity * p) past positions per head.
+
+    q (n, nh, 1, d), k (p+1, n, nkv, d) -> probs (n, nh, p+1) fp32, top probs (n, nh, kk),
+    chosen positions (n, nh, kk). The newest position (p) is always kept apart.
+    """
+    n, nh = q.shape[:2]
+    p = k.shape[0] - 1
+    keys = k.permute(1, 2, 0, 3).repeat_interleave(nh // k.shape[2], dim=1)  # (n, nh, p+1, d)
+    scores = (q.float() @ keys.float().transpose(-1, -2))[:, :, 0] * scale  # (n, nh, p+1)
+    scores = scores.masked_fill(~key_mask[:, None, :], torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1)
+    top = probs[..., :p].topk(int(sparsity * p), dim=-1)
+    return probs, top.values, top.indices
+
+
+def sparse_combine(probs, top, values, v_new, renormalize: bool, q):
+    """sum_k top_k v_k + p_new v_new (optionally / the kept mass) -> (n, 1, nh*d)."""
+    n, nh = probs.shape[:2]
+    group = nh // v_new.shape[2]
+    new = v_new[0].repeat_interleave(group, dim=1).float()  # (n, nh, d)
+    out = (top[..., None] * values.float()).sum(-2) + probs[..., -1:] * new
+    if renormalize:
+        out = out / (top.sum(-1, keepdim=True) + probs[..., -1:])
+    return out.to(q.dtype).reshape(n, 1, nh * q.shape[-1])

@@ -46,6 +46,14 @@ class Segment:
             self.arrays = {name: tiers.empty(tier, shape, dtype, what)
                            for name, (shape, dtype) in shapes.items()}
 
+    def read_rows(self, dst: dict[str, torch.Tensor], positions: list[int], links: Links,
+                  token: int, names: list[str]) -> None:
+        """Disk: dst[name][r] <- row positions[r], one read per position (sparse values)."""
+        for name in names:
+            for r, pos in enumerate(positions):
+                offset = self.offsets[name] + pos * self.row_bytes[name]
+                links.read(self.file, offset, dst[name][r], token)
+
     @property
     def n(self) -> int:
         return self.seqs[1] - self.seqs[0]
@@ -77,9 +85,11 @@ class Segment:
             links.write(self.file, offset, buf.contiguous(), token)
 
     def read_prefix(self, dst: dict[str, torch.Tensor], length: int, links: Links, token: int,
-                    stage: dict[str, torch.Tensor] | None, to_compute: bool) -> None:
-        """dst[name][:length] <- rows [0, length); to_compute: dst is on the compute side."""
-        for name in self.shapes:
+                    stage: dict[str, torch.Tensor] | None, to_compute: bool,
+                    names: list[str] | None = None) -> None:
+        """dst[name][:length] <- rows [0, length) of each array (all, or `names`);
+        to_compute: dst is on the compute side."""
+        for name in names or self.shapes:
             target = dst[name][:length]
             if self.tier == "cpu":
                 links.copy(target, self.arrays[name][:length], "cpu_to_gpu", token)
@@ -130,12 +140,12 @@ class CacheHomes:
             out[f"{kv}.data"], out[f"{kv}.scale_min"] = packed.data, packed.scale_min
         return out
 
-    def unpack(self, arrays: dict[str, torch.Tensor], length: int) -> tuple:
-        """(k, v), each (length, n, nkv, d) in the compute dtype, from stored arrays."""
+    def unpack(self, arrays: dict[str, torch.Tensor], length: int, kinds: str = "kv") -> tuple:
+        """(k, v) (or the `kinds` asked), each (length, n, nkv, d) in the compute dtype."""
         if self.config is None:
-            return arrays["k"][:length], arrays["v"][:length]
+            return tuple(arrays[kv][:length] for kv in kinds)
         out = []
-        for kv in "kv":
+        for kv in kinds:
             data, scales = arrays[f"{kv}.data"][:length], arrays[f"{kv}.scale_min"][:length]
             shape = (length, *data.shape[1:-1], self.spec.head_dim)
             out.append(compress.dequantize(compress.Compressed(data, scales, shape, self.dtype,

@@ -153,7 +153,8 @@ class BlockRun:
                                     self.prompt_len, engine.tiers, engine.dtype, disk_dir)
         engine.placed["cache"] = self.cache.home_bytes()
         engine.placed["activations"] = self.acts.home_bytes()
-        self.attention = CacheAttention(self.cache, engine.tiers, p.cpu_delegation)
+        self.attention = CacheAttention(self.cache, engine.tiers, p.cpu_delegation,
+                                        p.attn_sparsity, p.attn_renormalize)
         self.attention.start_block(self.prompt_len)
         self.executor = Executor(p.overlap, trace=self._trace)
         self.weight_jobs: dict[tuple[int, int], tuple[Future, dict]] = {}
