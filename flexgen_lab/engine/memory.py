@@ -30,6 +30,7 @@ class PeakRSS:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakRSS:
+        release_free_heap()  # start from live data, not from heap an earlier run left behind
         self.start_bytes = current_rss_bytes()
         self._peak_abs = self.start_bytes
         self._thread = threading.Thread(target=self._sample, daemon=True)
