@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from flexgen_lab.engine.disk import ALIGN
 from flexgen_lab.engine.tiers import Tiers, nbytes_of
 from flexgen_lab.engine.transfer import Links
 
@@ -63,7 +64,10 @@ class SplitArray:
             elif tier == "cpu":
                 links.copy(target, self.parts["cpu"], "cpu_to_gpu", token)
             else:
-                buf = stage[:target.nbytes].view(target.dtype).view(target.shape)
+                # start the buffer at the file offset's place within a 4 KiB block, so an
+                # O_DIRECT read lands straight in it (stage is page-aligned, ALIGN bytes longer)
+                shift = self.disk_offset % ALIGN
+                buf = stage[shift:shift + target.nbytes].view(target.dtype).view(target.shape)
                 links.read(self.disk, self.disk_offset, buf, token)
                 links.copy(target, buf, "cpu_to_gpu", token)
 

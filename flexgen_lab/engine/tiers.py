@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexgen_lab.engine.disk import aligned_empty
+
 TIER_NAMES = ("gpu", "cpu", "disk")
 
 
@@ -81,7 +83,10 @@ class Tiers:
         if tier == "gpu":
             return torch.empty(shape, dtype=dtype, device=self.device)
         if tier == "cpu":
-            return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+            if self.pin:
+                return torch.empty(shape, dtype=dtype, pin_memory=True)  # page-aligned
+            # page-aligned, so O_DIRECT reads and writes go straight in, no bounce copy
+            return aligned_empty(nbytes).view(dtype).view(shape)
         raise ValueError(f"tier {tier!r} holds no tensors; disk data lives in DiskFiles")
 
     def free(self, tier: str, tensor: torch.Tensor, what: str) -> None:

@@ -128,9 +128,11 @@ class PartHome:
         return {name: t.arrays["value"].only_gpu for name, t in self.tensors.items()}
 
     def stage_bytes(self) -> int:
-        """cpu-tier bytes needed to bounce this part's disk rows on their way to the gpu."""
-        return max((a.tier_bytes().get("disk", 0) for t in self.tensors.values()
+        """cpu-tier bytes needed to stage this part's disk rows on their way to the gpu (the
+        largest array's, plus a block of slack to match the file offset's alignment)."""
+        need = max((a.tier_bytes().get("disk", 0) for t in self.tensors.values()
                     for a in t.arrays.values()), default=0)
+        return need + ALIGN if need else 0
 
 
 class WeightHomes:
