@@ -38,6 +38,7 @@ class Tier:
     used: int = 0
     peak: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)  # what holds the bytes, for reports
+    peak_by_kind: dict[str, int] = field(default_factory=dict)
 
     def reserve(self, nbytes: int, what: str) -> None:
         if self.used + nbytes > self.capacity:
@@ -46,6 +47,7 @@ class Tier:
         self.peak = max(self.peak, self.used)
         kind = what.split(":")[0]
         self.by_kind[kind] = self.by_kind.get(kind, 0) + nbytes
+        self.peak_by_kind[kind] = max(self.peak_by_kind.get(kind, 0), self.by_kind[kind])
 
     def release(self, nbytes: int, what: str) -> None:
         self.used -= nbytes
@@ -99,6 +101,8 @@ class Tiers:
     def restore(self, used: dict[str, int]) -> None:
         for name, tier in self.tiers.items():
             tier.used = used[name]
+            for kind in ("cache", "activations"):  # what a block reserved is gone with it
+                tier.by_kind.pop(kind, None)
 
     def peaks(self) -> dict[str, int]:
         return {name: tier.peak for name, tier in self.tiers.items()}

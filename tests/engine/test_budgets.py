@@ -144,3 +144,30 @@ def test_trace_shows_the_next_layers_weights_loading_during_compute(tmp_path):
     spans = sorted((r["start_s"], r["end_s"]) for r in inline.ops)
     pairs = zip(spans, spans[1:], strict=False)
     assert all(a_end <= b_start + 1e-6 for (_, a_end), (b_start, _) in pairs)
+
+
+def test_delegation_drops_the_cache_working_set_from_the_gpu_tier(tmp_path):
+    spec = ModelSpec.from_name("opt-tiny")
+    ids, mask = synthetic_prompts(spec, 4, 8, seed=0)
+    peaks = {}
+    for delegate in (False, True):
+        tiers = Tiers(gpu=GiB, cpu=GiB, disk=GiB, device="cpu")
+        policy = Policy(gpu_batch_size=4, cache=Placement(0, 1), cpu_delegation=delegate)
+        with Engine(spec, DummyWeights(spec, 0), policy, tiers=tiers,
+                    offload_dir=tmp_path) as engine:
+            engine.generate(ids, mask, 64)
+        peaks[delegate] = tiers["gpu"].peak_by_kind.get("cache", 0)
+    staging = 2 * 2 * (8 + 64 - 1) * 4 * spec.kv_dim * 4  # 2 slots x (k, v) x S x b x kv x f32
+    assert peaks[False] - peaks[True] == staging
+
+
+def test_weight_cache_is_written_once_and_reused(tmp_path):
+    spec = ModelSpec.from_name("llama-tiny")
+    policy = Policy(weights=Placement(0, 0))
+    with Engine(spec, DummyWeights(spec, 0), policy, offload_dir=tmp_path):
+        manifest = next((tmp_path / "weight_cache").rglob("manifest.json"))
+        written = manifest.stat().st_mtime_ns
+    with Engine(spec, DummyWeights(spec, 0), policy, offload_dir=tmp_path):
+        assert manifest.stat().st_mtime_ns == written
+    with Engine(spec, DummyWeights(spec, 1), policy, offload_dir=tmp_path):  # other seed
+        assert len(list((tmp_path / "weight_cache").rglob("manifest.json"))) == 2
