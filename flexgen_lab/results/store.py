@@ -4,8 +4,6 @@ Why SQLite: sweeps run as several processes (Hydra's joblib launcher, torchrun r
 append to one file; SQLite gives atomic multi-table inserts and safe concurrent writers with
 nothing to install, and pandas reads it directly for tables, plots and notebooks.
 
-Usage::
-
     with ResultStore("results/flexgen_lab.sqlite") as store:
         run_id = store.record_run({"status": "ok", "model": "opt-125m", "decode_s": 1.5})
         store.runs("status = ?", ("ok",))
