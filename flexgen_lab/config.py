@@ -63,10 +63,31 @@ class PolicyConfig:
 
 @dataclass
 class HardwareConfig:
+    """Capacities (budgets a measured run enforces) and speeds (what predictions use).
+
+    Speeds are numbers (bytes/s, FLOP/s) or strings with units ("12.89GiB/s", "21.24TFLOP/s");
+    null means unknown (predictions then refuse to run). `source` says where they come from.
+    """
+
     name: str = "local"
     gpu_mem: Any = "4GiB"  # bytes (int) or a string with a unit: "16GiB", "15GB"
     cpu_mem: Any = "8GiB"
     disk_mem: Any = "32GiB"
+    source: str = ""
+    bw_cpu_to_gpu: Any = None
+    bw_gpu_to_cpu_cache: Any = None  # the original fitted cache and activations apart
+    bw_gpu_to_cpu_hidden: Any = None
+    bw_disk_to_cpu: Any = None
+    bw_cpu_to_disk_cache_prefill: Any = None
+    bw_cpu_to_disk_hidden_prefill: Any = None
+    bw_cpu_to_disk_decode: Any = None
+    mm_flops_prefill: Any = None  # GPU matmul
+    mm_flops_decode: Any = None
+    bmm_flops_prefill: Any = None  # GPU batched matmul (attention)
+    bmm_flops_decode: Any = None
+    cpu_flops: Any = None  # CPU attention, times the original's batch/hidden correction:
+    cpu_correction: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # c1 c2 c3
+    safety_factor: float = 0.8  # share of each capacity a searched policy may plan to use
 
 
 @dataclass

@@ -27,8 +27,10 @@ from flexgen_lab.engine.engine import Callbacks, Engine, Generation, Sampling
 from flexgen_lab.engine.memory import PeakRSS
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.tiers import Tiers
+from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import open_weights
+from flexgen_lab.planner.cost_model import predict
 from flexgen_lab.results.store import ResultStore
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -170,6 +172,19 @@ def config_columns(cfg: RunConfig, spec: ModelSpec, dtype: str, device: torch.de
     )
 
 
+def prediction_columns(cfg: RunConfig, spec: ModelSpec, dtype: str) -> dict:
+    """The cost model's prediction for this run, when the hardware profile has speeds."""
+    profile = HardwareProfile.from_config(cfg.hardware)
+    if profile.missing_speeds():
+        return {}
+    policy = to_policy(cfg)
+    pred = predict(spec, policy, cfg.schedule.name, profile, cfg.workload.prompt_len,
+                   cfg.workload.gen_len, TORCH_DTYPES[dtype].itemsize,
+                   cfg.workload.num_prompts or policy.block_size)
+    return {"predicted_generation_throughput": pred.generation_throughput,
+            "predicted_prefill_s": pred.prefill_s, "predicted_decode_s": pred.decode_s}
+
+
 def metrics(gen: Generation, num_prompts: int, prompt_len: int, gen_len: int) -> dict:
     """The paper's definitions (facts §2), over every decode step."""
     latency = gen.prefill_s + gen.decode_s
@@ -202,7 +217,7 @@ def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
     """Run one configuration and store its row; raises ConfigError before any work if invalid."""
     spec, device, dtype, budgets = prepare(cfg)
     store = ResultStore(cfg.store.path)
-    row = config_columns(cfg, spec, dtype, device, budgets)
+    row = config_columns(cfg, spec, dtype, device, budgets) | prediction_columns(cfg, spec, dtype)
     tracer = TraceRecorder() if cfg.trace else None
     try:
         progress = ProgressBar(cfg, spec) if cfg.system.name == "flexgen_lab" else None

@@ -137,3 +137,20 @@ def test_offloaded_run_stores_links_peaks_and_placement(tmp_path):
     for tier in ("gpu", "cpu", "disk"):
         assert abs(weights[tier]["achieved"] - weights[tier]["asked"]) < 0.02 * total
     assert json.loads(row.link_bytes_json)["decode"]["cpu_to_gpu"] > 0
+
+
+def test_a_profile_with_speeds_stores_the_cost_models_prediction(tmp_path):
+    cfg = tiny_config(tmp_path)
+    assert run(cfg).row.get("predicted_generation_throughput") is None  # local: no speeds
+    for key, rate in (("bw_cpu_to_gpu", "8GB/s"), ("bw_gpu_to_cpu_cache", "8GB/s"),
+                      ("bw_gpu_to_cpu_hidden", "8GB/s"), ("bw_disk_to_cpu", "1.8GB/s"),
+                      ("bw_cpu_to_disk_cache_prefill", "1GB/s"),
+                      ("bw_cpu_to_disk_hidden_prefill", "1GB/s"),
+                      ("bw_cpu_to_disk_decode", "1GB/s"), ("mm_flops_prefill", "100GFLOP/s"),
+                      ("mm_flops_decode", "50GFLOP/s"), ("bmm_flops_prefill", "50GFLOP/s"),
+                      ("bmm_flops_decode", "10GFLOP/s"), ("cpu_flops", "10GFLOP/s")):
+        setattr(cfg.hardware, key, rate)
+    run(cfg)
+    row = ResultStore(cfg.store.path).runs().iloc[-1]
+    assert row.predicted_generation_throughput > 0
+    assert row.predicted_prefill_s > 0 and row.predicted_decode_s > 0

@@ -1,0 +1,1 @@
+"""Hardware profiles: capacities and speeds of a machine, from presets or calibration."""

@@ -1,0 +1,95 @@
+"""HardwareProfile: one machine's capacities (bytes) and speeds (bytes/s, FLOP/s).
+
+Built from the `hardware` config group; every speed carries its unit in its name and the
+profile's `source` says where the numbers come from (a datasheet, the paper, a fit, or this
+machine's calibration).
+
+    >>> profile = HardwareProfile.from_config(cfg.hardware)
+    >>> profile.bw_cpu_to_gpu / 2**30   # GiB/s
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+from flexgen_lab.config import ConfigError, HardwareConfig, parse_bytes
+
+SPEED_FIELDS = ("bw_cpu_to_gpu", "bw_gpu_to_cpu_cache", "bw_gpu_to_cpu_hidden", "bw_disk_to_cpu",
+                "bw_cpu_to_disk_cache_prefill", "bw_cpu_to_disk_hidden_prefill",
+                "bw_cpu_to_disk_decode", "mm_flops_prefill", "mm_flops_decode",
+                "bmm_flops_prefill", "bmm_flops_decode", "cpu_flops")
+_RATE_UNITS = {"B/s": 1, "KB/s": 1e3, "MB/s": 1e6, "GB/s": 1e9, "TB/s": 1e12,
+               "KiB/s": 2**10, "MiB/s": 2**20, "GiB/s": 2**30, "FLOP/s": 1, "GFLOP/s": 1e9,
+               "TFLOP/s": 1e12}
+
+
+def parse_rate(value, key: str) -> float | None:
+    """A number (bytes/s or FLOP/s) or a string such as "12.89GiB/s" or "21.24TFLOP/s"."""
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([A-Za-z/]*)\s*", str(value))
+    if match and match.group(2) in _RATE_UNITS and float(match.group(1)) > 0:
+        return float(match.group(1)) * _RATE_UNITS[match.group(2)]
+    raise ConfigError(f"hardware.{key}={value!r}: expected a positive rate, a number or with a "
+                      f"unit ({', '.join(_RATE_UNITS)}), e.g. '12GB/s'")
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    gpu_mem: int  # bytes
+    cpu_mem: int
+    disk_mem: int
+    source: str
+    bw_cpu_to_gpu: float | None  # bytes/s
+    bw_gpu_to_cpu_cache: float | None
+    bw_gpu_to_cpu_hidden: float | None
+    bw_disk_to_cpu: float | None
+    bw_cpu_to_disk_cache_prefill: float | None
+    bw_cpu_to_disk_hidden_prefill: float | None
+    bw_cpu_to_disk_decode: float | None
+    mm_flops_prefill: float | None  # FLOP/s
+    mm_flops_decode: float | None
+    bmm_flops_prefill: float | None
+    bmm_flops_decode: float | None
+    cpu_flops: float | None
+    cpu_correction: tuple[float, float, float]
+    safety_factor: float
+
+    @staticmethod
+    def from_config(cfg: HardwareConfig) -> HardwareProfile:
+        speeds = {key: parse_rate(getattr(cfg, key), key) for key in SPEED_FIELDS}
+        if not 0 < cfg.safety_factor <= 1:
+            raise ConfigError(f"hardware.safety_factor={cfg.safety_factor!r}: must be in (0, 1]")
+        return HardwareProfile(
+            name=cfg.name, source=cfg.source,
+            **{k: parse_bytes(getattr(cfg, k), f"hardware.{k}")
+               for k in ("gpu_mem", "cpu_mem", "disk_mem")},
+            cpu_correction=tuple(float(c) for c in cfg.cpu_correction),
+            safety_factor=float(cfg.safety_factor), **speeds)
+
+    def missing_speeds(self) -> list[str]:
+        return [key for key in SPEED_FIELDS if getattr(self, key) is None]
+
+    def require_speeds(self) -> None:
+        missing = self.missing_speeds()
+        if missing:
+            raise ConfigError(f"hardware={self.name} has no speeds for {', '.join(missing)}; "
+                              "predictions need them (a preset with speeds, or calibrate)")
+
+    def cpu_flops_for(self, gpu_batch_size: int, hidden: int) -> float:
+        """CPU attention FLOP/s with the original's correction (facts §1):
+        cpu_flops x max(0.1, 1 + c1 A B - c2 A - c3 B), A = max(0, log2(64 / gbs)),
+        B = max(0, log2(4096 / h))."""
+        c1, c2, c3 = self.cpu_correction
+        a = max(0.0, math.log2(64 / gpu_batch_size))
+        b = max(0.0, math.log2(4096 / hidden))
+        return self.cpu_flops * max(0.1, 1 + c1 * a * b - c2 * a - c3 * b)
+
+    def replace(self, **changes) -> HardwareProfile:
+        return dataclasses.replace(self, **changes)

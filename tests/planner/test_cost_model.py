@@ -1,0 +1,70 @@
+"""The cost model: the original's own predictions reproduced, and ours moving the right way."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from flexgen_lab.__main__ import CONF_DIR, to_run_config
+from flexgen_lab.config import ConfigError, register_configs
+from flexgen_lab.engine.policy import Placement, Policy
+from flexgen_lab.hardware.profile import HardwareProfile, parse_rate
+from flexgen_lab.models.spec import ModelSpec
+from flexgen_lab.planner.cost_model import flexgen_original, predict
+
+
+def profile(name: str) -> HardwareProfile:
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = to_run_config(compose(config_name="config", overrides=[f"hardware={name}"]))
+    return HardwareProfile.from_config(cfg.hardware)
+
+
+PAPER_512 = {  # facts §4: the s = 512 policies, and the original model's own predictions
+    "opt-6.7b": (Policy(gpu_batch_size=2), 60.85),
+    "opt-30b": (Policy(gpu_batch_size=48, num_gpu_batches=3, weights=Placement(0.2, 0.8),
+                       cache=Placement(0, 1), activations=Placement(0, 1),
+                       cpu_delegation=True), 7.14),
+    "opt-175b": (Policy(gpu_batch_size=32, num_gpu_batches=8, weights=Placement(0, 0.5),
+                        cache=Placement(0, 0), activations=Placement(0, 1),
+                        cpu_delegation=True), 0.154),
+}
+
+
+@pytest.mark.parametrize("model", PAPER_512)
+def test_original_variant_reproduces_its_own_predictions(model):
+    policy, expected = PAPER_512[model]
+    got = flexgen_original(ModelSpec.from_name(model), policy, profile("t4-paper-fitted"), 512,
+                           32).generation_throughput
+    assert got == pytest.approx(expected, rel=0.01)
+
+
+def test_paper_profile_presets_have_every_speed():
+    for name in ("t4-paper", "t4-paper-fitted", "a100-datasheet", "h100-datasheet"):
+        assert profile(name).missing_speeds() == []
+    with pytest.raises(ConfigError, match="no speeds"):
+        predict(ModelSpec.from_name("opt-tiny"), Policy(), "zigzag", profile("local"), 8, 4)
+
+
+def test_rates_parse_with_units():
+    assert parse_rate("12.89GiB/s", "x") == pytest.approx(12.89 * 2**30)
+    assert parse_rate("21.24TFLOP/s", "x") == pytest.approx(21.24e12)
+    assert parse_rate(5e9, "x") == 5e9
+    with pytest.raises(ConfigError, match="hardware.bw_cpu_to_gpu='fast'"):
+        parse_rate("fast", "bw_cpu_to_gpu")
+
+
+def test_our_model_moves_the_right_way():
+    spec, hw = ModelSpec.from_name("opt-30b"), profile("t4-paper")
+    base = dict(gpu_batch_size=48, num_gpu_batches=3, cache=Placement(0, 1),
+                activations=Placement(0, 1), cpu_delegation=True)
+
+    def tput(schedule="zigzag", **changes):
+        policy = Policy(**{**base, "weights": Placement(0.2, 0.8), **changes})
+        return predict(spec, policy, schedule, hw, 512, 32).generation_throughput
+
+    assert tput(weights=Placement(0.4, 0.6)) > tput()  # more weights on the GPU: faster
+    assert tput(overlap=False) < tput()
+    assert tput("row_by_row") < tput()  # weights stream once per batch, not per block
+    assert tput(weights=Placement(0.2, 0.3)) < tput()  # half the CPU share on disk: slower
+    assert tput(cpu_delegation=False) < tput()  # at s = 512 the cache transfer dominates
