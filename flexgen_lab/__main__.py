@@ -7,6 +7,7 @@
     python -m flexgen_lab run --help                           # config groups and options
     python -m flexgen_lab run --cfg job                        # the composed config
     python -m flexgen_lab table [store.path=FILE] [limit=N]    # recent runs
+    python -m flexgen_lab search model=opt-30b hardware=t4-paper workload=paper-512
 
 Hydra reads conf/ at the repository's top level (found from this file, so any working
 directory works for source and editable installs); `--config-dir DIR` adds another directory
@@ -21,7 +22,6 @@ from pathlib import Path
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COMMANDS = ("run", "table", "search", "reproduce", "plot", "calibrate")
 NOT_BUILT = {
-    "search": "the cost model and LP policy search",
     "reproduce": "experiment reproduction",
     "plot": "plots",
     "calibrate": "hardware calibration",
@@ -107,13 +107,49 @@ def _summary(result, store_path: str) -> str:
             f"[measured]\nstored as run_id {result.run_id} in {store_path}")
 
 
-def run_command() -> None:
+def _search_task(cfg) -> None:
+    """Hydra's task for `search`: the LP's best policy for the configured model and machine."""
+    from flexgen_lab.config import ConfigError, validate
+    from flexgen_lab.hardware.profile import HardwareProfile
+    from flexgen_lab.planner.search import search
+    from flexgen_lab.runner import TORCH_DTYPES, compute_device, resolve_dtype, to_policy
+
+    try:
+        run_cfg = to_run_config(cfg)
+        spec = validate(run_cfg)
+        profile = HardwareProfile.from_config(run_cfg.hardware)
+        dtype = TORCH_DTYPES[resolve_dtype(run_cfg.dtype, compute_device())]
+        w = run_cfg.workload
+        found = search(spec, profile, w.prompt_len, w.gen_len, dtype.itemsize,
+                       to_policy(run_cfg), run_cfg.schedule.name, run_cfg.policy.cpu_delegation)
+    except ConfigError as err:
+        _fail(str(err), 2)
+    if found is None:
+        _fail(f"no policy fits {spec.name} on hardware={profile.name}", 1)
+    print(_search_summary(found, spec.name, profile.name))
+
+
+def _search_summary(found, model: str, hardware: str) -> str:
+    p, pred = found.policy, found.prediction
+    place = lambda x: f"gpu {x.gpu:.3f} cpu {x.cpu:.3f} disk {x.disk:.3f}"  # noqa: E731
+    peaks = ", ".join(f"{t} {b / 2**30:.2f} GiB" for t, b in found.peak_bytes.items())
+    return (f"{model} on {hardware} [predicted, cost model]: {pred.generation_throughput:.3f} "
+            f"token/s (prefill {pred.prefill_s:.1f} s, decode {pred.decode_s:.1f} s)\n"
+            f"  gpu_batch_size {p.gpu_batch_size} x num_gpu_batches {p.num_gpu_batches}, "
+            f"schedule {found.schedule}, cpu_delegation {p.cpu_delegation}\n"
+            f"  weights {place(p.weights)}\n  cache {place(p.cache)}\n"
+            f"  activations {place(p.activations)}\n  peak memory: {peaks}\n"
+            f"  ({found.lps_solved} LPs in {found.seconds:.1f} s)")
+
+
+def run_command(task=None) -> None:
     import hydra
 
     from flexgen_lab.config import register_configs
 
     register_configs()
-    hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_run_task)()
+    hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(
+        task or _run_task)()
 
 
 def table_command(args: list[str]) -> None:
@@ -149,7 +185,7 @@ def main() -> None:
         table_command(args[1:])
         return
     sys.argv = [f"{sys.argv[0]} {command}", *args[1:]]
-    run_command()
+    run_command(_search_task if command == "search" else _run_task)
 
 
 if __name__ == "__main__":

@@ -57,15 +57,20 @@ def split_units(units: int, share: Placement) -> UnitSplit:
 def batch_ranges(block_split: UnitSplit, batch: int, batch_size: int) -> dict[str, tuple]:
     """Tier -> [start, stop) of a GPU batch's own sequences (local indices) under a block split.
 
-    Sequences of the whole block are split (so gbs = 1 with several batches still honours the
-    shares); a batch takes the part of each tier's range that falls in its rows.
+    The block's sequences are split (so gbs = 1 with several batches still honours the shares)
+    and dealt to the batches round-robin in tier order: every batch gets its tiers' sequences
+    contiguous, and a tier's count differs by at most one between batches, so per-batch buffers
+    are sized by ceil(share x gbs), not by a whole block's share.
     """
-    lo, hi = batch * batch_size, (batch + 1) * batch_size
-    out = {}
-    for tier, (start, stop) in block_split.ranges().items():
-        a, b = max(start, lo), min(stop, hi)
-        if a < b:
-            out[tier] = (a - lo, b - lo)
+    num_batches = block_split.total // batch_size
+    labels = [tier for tier, (a, b) in block_split.ranges().items() for _ in range(a, b)]
+    mine = labels[batch::num_batches]
+    out, start = {}, 0
+    for tier in TIERS:
+        count = mine.count(tier)
+        if count:
+            out[tier] = (start, start + count)
+        start += count
     return out
 
 

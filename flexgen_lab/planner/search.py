@@ -1,0 +1,149 @@
+"""Policy search: a pulp/CBC linear program over placement fractions per (gbs, num_gpu_batches).
+
+The LP's terms come from the same code as the predictions, never a second copy: link bytes
+are the traffic model's (exactly the engine's counters) evaluated at pure placements, which
+is linear in the fractions because weights, cache and activations move independently; memory
+is the memory model's constant plus linear part; compute is the cost model's. Each phase's time
+is at least every link's time and the compute time (overlap) or their sum (no overlap).
+
+    python -m flexgen_lab search model=opt-30b hardware=t4-paper workload.prompt_len=512
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import pulp
+
+from flexgen_lab.engine.policy import Placement, Policy
+from flexgen_lab.hardware.profile import HardwareProfile
+from flexgen_lab.models.spec import ModelSpec
+from flexgen_lab.planner.cost_model import Prediction, compute_seconds, predict
+from flexgen_lab.planner.memory_model import VARIABLES, memory_terms
+from flexgen_lab.planner.traffic import link_bytes
+
+KINDS = {"weights": "w", "cache": "c", "activations": "h"}
+GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)  # the paper: multiples of 4, mostly
+MAX_GPU_BATCHES = 32
+
+
+@dataclass
+class Found:
+    policy: Policy
+    schedule: str
+    prediction: Prediction
+    peak_bytes: dict[str, float]
+    lps_solved: int
+    seconds: float
+
+
+def _with(policy: Policy, kind: str, tier: str) -> Policy:
+    place = {"gpu": Placement(1, 0), "cpu": Placement(0, 1), "disk": Placement(0, 0)}[tier]
+    return dataclasses.replace(policy, **{kind: place})
+
+
+def link_coefficients(spec, policy, schedule, s, n, q) -> dict:
+    """(phase, link) -> {variable: bytes moved when that fraction is 1} (baseline all-gpu)."""
+    resident = dataclasses.replace(policy, weights=Placement(), cache=Placement(),
+                                   activations=Placement())
+    base = link_bytes(spec, resident, schedule, s, n, q)
+    coef: dict = {}
+    for kind, prefix in KINDS.items():
+        for tier in ("cpu", "disk"):
+            moved = link_bytes(spec, _with(resident, kind, tier), schedule, s, n, q)
+            for phase, links in moved.items():
+                for link, nbytes in links.items():
+                    extra = nbytes - base[phase][link]
+                    if extra:
+                        coef.setdefault((phase, link), {})[f"{prefix}{tier[0]}"] = extra
+    return coef
+
+
+def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile, s: int,
+          n: int, q: int) -> Policy | None:
+    """The best placement for a fixed (gbs, ngb, delegation, compression); None if none fits."""
+    prob = pulp.LpProblem("placement", pulp.LpMinimize)
+    x = {v: pulp.LpVariable(v, 0, 1) for v in VARIABLES}
+    for prefix in KINDS.values():
+        prob += x[f"{prefix}g"] + x[f"{prefix}c"] + x[f"{prefix}d"] == 1
+    memory = memory_terms(spec, policy, s, n, q)
+    capacity = {"gpu": profile.gpu_mem, "cpu": profile.cpu_mem, "disk": profile.disk_mem}
+    for tier, term in memory.items():
+        prob += (term.const + pulp.lpSum(c * x[v] for v, c in term.coef.items())
+                 <= capacity[tier] * profile.safety_factor)
+    bandwidth = {"cpu_to_gpu": profile.bw_cpu_to_gpu, "gpu_to_cpu": profile.bw_gpu_to_cpu_cache,
+                 "disk_to_cpu": profile.bw_disk_to_cpu}
+    coef = link_coefficients(spec, policy, schedule, s, n, q)
+    total = []
+    for phase in ("prefill", "decode"):
+        t = pulp.LpVariable(f"T_{phase}", 0)
+        total.append(t)
+        bandwidth["cpu_to_disk"] = (profile.bw_cpu_to_disk_cache_prefill if phase == "prefill"
+                                    else profile.bw_cpu_to_disk_decode)
+        links = [pulp.lpSum(b / bandwidth[link] * x[v] for v, b in coef.get((phase, link),
+                                                                              {}).items())
+                 for link in bandwidth]
+        work = _compute_expr(spec, policy, profile, s, n, phase, x)
+        if policy.overlap:
+            for term in (*links, work):
+                prob += t >= term
+        else:
+            prob += t >= pulp.lpSum(links) + work
+    prob += pulp.lpSum(total)
+    status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
+    if pulp.LpStatus[status] != "Optimal":
+        return None
+    v = {name: max(0.0, min(1.0, var.value() or 0.0)) for name, var in x.items()}
+    return dataclasses.replace(
+        policy, weights=Placement(v["wg"], min(v["wc"], 1 - v["wg"])),
+        cache=Placement(v["cg"], min(v["cc"], 1 - v["cg"])),
+        activations=Placement(v["hg"], min(v["hc"], 1 - v["hg"])))
+
+
+def _compute_expr(spec, policy, profile, s: int, n: int, phase: str, x: dict):
+    """Compute seconds of a phase; with delegation, attention splits by where the cache is."""
+    on_gpu = compute_seconds(spec, _with(policy, "cache", "gpu"), profile, s, n,
+                             policy.block_size)[phase]
+    fixed = on_gpu["matmul"]
+    if not policy.cpu_delegation or phase == "prefill":
+        return fixed + on_gpu["attention"]
+    on_cpu = compute_seconds(spec, _with(policy, "cache", "cpu"), profile, s, n,
+                             policy.block_size)[phase]
+    return fixed + on_gpu["attention"] * x["cg"] + on_cpu["cpu_attention"] * (x["cc"] + x["cd"])
+
+
+def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2,
+           base: Policy | None = None, schedule: str = "zigzag",
+           delegation: bool | None = None, batch_sizes: tuple[int, ...] = GPU_BATCH_SIZES,
+           max_gpu_batches: int = MAX_GPU_BATCHES) -> Found | None:
+    """Enumerate gbs and num_gpu_batches as the original did (more batches while throughput
+    grows and the LP stays feasible); delegation too when left open (None)."""
+    profile.require_speeds()
+    start, best, solved = time.perf_counter(), None, 0
+    base = base or Policy()
+    for delegate in ([delegation] if delegation is not None else [True, False]):
+        for gbs in batch_sizes:
+            previous = None
+            for ngb in range(1, max_gpu_batches + 1):
+                candidate = dataclasses.replace(base, gpu_batch_size=gbs, num_gpu_batches=ngb,
+                                                cpu_delegation=delegate)
+                found = solve(spec, candidate, schedule, profile, s, n, q)
+                solved += 1
+                if found is None:
+                    break
+                pred = predict(spec, found, schedule, profile, s, n, q)
+                if previous is not None and pred.generation_throughput <= previous:
+                    break
+                previous = pred.generation_throughput
+                if best is None or previous > best[1].generation_throughput:
+                    best = (found, pred)
+            if previous is None and gbs > 1:
+                break  # this batch size fits no placement: larger ones will not either
+    if best is None:
+        return None
+    policy, pred = best
+    peak = {t: m.at(policy) for t, m in
+            memory_terms(spec, policy, s, n, q, exact=True).items()}
+    return Found(policy, schedule, pred, peak, solved, time.perf_counter() - start)

@@ -1,0 +1,51 @@
+"""The LP search: fits its memory model, and the engine runs its policy within the budgets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from flexgen_lab.engine.engine import Engine
+from flexgen_lab.engine.tiers import Tiers
+from flexgen_lab.models.spec import ModelSpec
+from flexgen_lab.models.weights import DummyWeights
+from flexgen_lab.planner.search import search
+from flexgen_lab.workload import synthetic_prompts
+from tests.planner.test_cost_model import profile
+
+MiB = 2**20
+
+
+def tight_profile():
+    """This machine's dev speeds (rough) with budgets far below opt-125m's fp32 weights."""
+    return profile("t4-paper").replace(name="tight", gpu_mem=640 * MiB, cpu_mem=400 * MiB,
+                                       disk_mem=4096 * MiB)
+
+
+def test_searched_policy_fits_and_the_engine_runs_it_within_budgets(tmp_path):
+    spec, hw, s, n = ModelSpec.from_name("opt-125m"), tight_profile(), 32, 4
+    found = search(spec, hw, s, n, q=4, batch_sizes=(1, 2, 4), max_gpu_batches=3)
+    assert found is not None
+    p = found.policy
+    assert p.weights.gpu < 1 and p.weights.disk > 0  # the budgets force offloading
+    capacity = {"gpu": hw.gpu_mem, "cpu": hw.cpu_mem, "disk": hw.disk_mem}
+    for tier, peak in found.peak_bytes.items():
+        assert peak <= capacity[tier] * hw.safety_factor * 1.0001
+    assert found.peak_bytes["gpu"] >= 0.8 * capacity["gpu"] * hw.safety_factor  # not timid
+    tiers = Tiers(hw.gpu_mem, hw.cpu_mem, hw.disk_mem, "cpu")
+    ids, mask = synthetic_prompts(spec, p.block_size, s, seed=0)
+    with Engine(spec, DummyWeights(spec, 0), p, found.schedule, tiers=tiers,
+                offload_dir=tmp_path) as engine:
+        engine.generate(ids, mask, n)  # no BudgetExceeded
+    for tier, peak in tiers.peaks().items():
+        assert peak <= capacity[tier]
+        assert abs(peak - found.peak_bytes[tier]) <= 0.10 * max(peak, 1)  # model vs engine
+
+
+def test_search_command_prints_a_policy(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "flexgen_lab", "search", "model=opt-30b",
+                          "hardware=t4-paper-fitted", "workload=paper-512", "dtype=float16",
+                          f"hydra.run.dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "token/s" in out.stdout and "weights gpu" in out.stdout and "[predicted" in out.stdout
