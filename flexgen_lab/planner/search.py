@@ -114,19 +114,28 @@ def _compute_expr(spec, policy, profile, s: int, n: int, phase: str, x: dict):
     return fixed + on_gpu["attention"] * x["cg"] + on_cpu["cpu_attention"] * (x["cc"] + x["cd"])
 
 
+def _doubling(limit: int) -> list[int]:
+    """1, 2, 4, ... up to limit: each CBC solve costs a process start, so probe geometrically."""
+    out, ngb = [], 1
+    while ngb <= limit:
+        out.append(ngb)
+        ngb *= 2
+    return out
+
+
 def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2,
            base: Policy | None = None, schedule: str = "zigzag",
            delegation: bool | None = None, batch_sizes: tuple[int, ...] = GPU_BATCH_SIZES,
            max_gpu_batches: int = MAX_GPU_BATCHES) -> Found | None:
-    """Enumerate gbs and num_gpu_batches as the original did (more batches while throughput
-    grows and the LP stays feasible); delegation too when left open (None)."""
+    """Enumerate gbs, and num_gpu_batches in doublings while throughput grows and the LP stays
+    feasible (the original stepped one by one); delegation too when left open (None)."""
     profile.require_speeds()
     start, best, solved = time.perf_counter(), None, 0
     base = base or Policy()
     for delegate in ([delegation] if delegation is not None else [True, False]):
         for gbs in batch_sizes:
             previous = None
-            for ngb in range(1, max_gpu_batches + 1):
+            for ngb in _doubling(max_gpu_batches):
                 candidate = dataclasses.replace(base, gpu_batch_size=gbs, num_gpu_batches=ngb,
                                                 cpu_delegation=delegate)
                 found = solve(spec, candidate, schedule, profile, s, n, q)
