@@ -9,6 +9,7 @@ status error (or oom) and its message, then re-raised; earlier rows are never to
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -82,7 +83,6 @@ def to_policy(cfg: RunConfig) -> Policy:
 
 def check_built(cfg: RunConfig) -> None:
     """Refuse, by name, every option that is configured but not implemented yet."""
-    p = cfg.policy
     missing = []
     if cfg.backend.name != "measured":
         missing.append(f"backend={cfg.backend.name} (the simulator)")
@@ -90,8 +90,6 @@ def check_built(cfg: RunConfig) -> None:
         missing.append(f"system={cfg.system.name} (that baseline)")
     if cfg.distributed.name != "none":
         missing.append(f"distributed={cfg.distributed.name} (pipeline parallelism)")
-    if p.name == "search":
-        missing.append("policy=search (the cost model and LP search)")
     if missing:
         raise NotBuiltError("not built yet: " + "; ".join(missing))
 
@@ -213,11 +211,37 @@ def prepare(cfg: RunConfig) -> tuple[ModelSpec, torch.device, str, dict[str, int
     return spec, device, resolve_dtype(cfg.dtype, device), check_budgets(cfg, device)
 
 
+def searched(cfg: RunConfig, spec: ModelSpec, dtype: str) -> RunConfig:
+    """policy=search: a copy of cfg whose policy is the LP's best for this machine's budgets."""
+    from flexgen_lab.planner.search import search
+
+    profile = HardwareProfile.from_config(cfg.hardware)
+    profile.require_speeds()
+    w = cfg.workload
+    found = search(spec, profile, w.prompt_len, w.gen_len, TORCH_DTYPES[dtype].itemsize,
+                   to_policy(cfg), cfg.schedule.name, cfg.policy.cpu_delegation)
+    if found is None:
+        raise ConfigError(f"policy=search: no policy fits {spec.name} in hardware="
+                          f"{cfg.hardware.name}'s budgets")
+    out = copy.deepcopy(cfg)
+    p, f = out.policy, found.policy
+    p.gpu_batch_size, p.num_gpu_batches, p.cpu_delegation = (
+        f.gpu_batch_size, f.num_gpu_batches, f.cpu_delegation)
+    for kind in ("weights", "cache", "activations"):
+        place = getattr(f, kind)
+        getattr(p, kind).gpu, getattr(p, kind).cpu = place.gpu, place.cpu
+    return out
+
+
 def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
     """Run one configuration and store its row; raises ConfigError before any work if invalid."""
     spec, device, dtype, budgets = prepare(cfg)
+    requested_hash = config_hash(cfg, dtype)
+    if cfg.policy.name == "search":
+        cfg = searched(cfg, spec, dtype)
     store = ResultStore(cfg.store.path)
     row = config_columns(cfg, spec, dtype, device, budgets) | prediction_columns(cfg, spec, dtype)
+    row["config_hash"] = requested_hash  # a searched run is known by what was asked
     tracer = TraceRecorder() if cfg.trace else None
     try:
         progress = ProgressBar(cfg, spec) if cfg.system.name == "flexgen_lab" else None

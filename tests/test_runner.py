@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from flexgen_lab.config import RunConfig
+from flexgen_lab.config import ConfigError, RunConfig
 from flexgen_lab.engine.engine import Callbacks
 from flexgen_lab.results.store import ResultStore
 from flexgen_lab.runner import RunFailed, config_hash, run
@@ -139,18 +139,39 @@ def test_offloaded_run_stores_links_peaks_and_placement(tmp_path):
     assert json.loads(row.link_bytes_json)["decode"]["cpu_to_gpu"] > 0
 
 
-def test_a_profile_with_speeds_stores_the_cost_models_prediction(tmp_path):
-    cfg = tiny_config(tmp_path)
-    assert run(cfg).row.get("predicted_generation_throughput") is None  # local: no speeds
-    for key, rate in (("bw_cpu_to_gpu", "8GB/s"), ("bw_gpu_to_cpu_cache", "8GB/s"),
+SPEEDS = (("bw_cpu_to_gpu", "8GB/s"), ("bw_gpu_to_cpu_cache", "8GB/s"),
                       ("bw_gpu_to_cpu_hidden", "8GB/s"), ("bw_disk_to_cpu", "1.8GB/s"),
                       ("bw_cpu_to_disk_cache_prefill", "1GB/s"),
                       ("bw_cpu_to_disk_hidden_prefill", "1GB/s"),
                       ("bw_cpu_to_disk_decode", "1GB/s"), ("mm_flops_prefill", "100GFLOP/s"),
                       ("mm_flops_decode", "50GFLOP/s"), ("bmm_flops_prefill", "50GFLOP/s"),
-                      ("bmm_flops_decode", "10GFLOP/s"), ("cpu_flops", "10GFLOP/s")):
+                      ("bmm_flops_decode", "10GFLOP/s"), ("cpu_flops", "10GFLOP/s"))
+
+
+def test_a_profile_with_speeds_stores_the_cost_models_prediction(tmp_path):
+    cfg = tiny_config(tmp_path)
+    assert run(cfg).row.get("predicted_generation_throughput") is None  # local: no speeds
+    for key, rate in SPEEDS:
         setattr(cfg.hardware, key, rate)
     run(cfg)
     row = ResultStore(cfg.store.path).runs().iloc[-1]
     assert row.predicted_generation_throughput > 0
     assert row.predicted_prefill_s > 0 and row.predicted_decode_s > 0
+
+
+def test_policy_search_runs_the_searched_policy_and_keeps_the_requested_hash(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.policy.name, cfg.policy.cpu_delegation = "search", None
+    with pytest.raises(ConfigError, match="no speeds"):
+        run(cfg)  # hardware=local has capacities but no speeds
+    for key, rate in SPEEDS:
+        setattr(cfg.hardware, key, rate)
+    cfg.hardware.gpu_mem = "1.5MiB"  # too little for opt-tiny's weights and its staging
+    cfg.engine.offload_dir = str(tmp_path / "offload")
+    asked = config_hash(cfg, "float32")
+    result = run(cfg)
+    row = ResultStore(cfg.store.path).runs().iloc[-1]
+    assert row.status == "ok" and row.config_hash == asked
+    assert row.w_gpu < 1 and row.predicted_generation_throughput > 0
+    assert row.peak_gpu_bytes <= 1.5 * 2**20
+    assert result.generation.output_ids.shape[0] == row.num_prompts
