@@ -6,14 +6,6 @@ import statistics
 from collections.abc import Callable
 
 
-def measure(run: Callable[[], float], repeats: int = 3, warmup: int = 1) -> tuple[float, float]:
-    """Median and (max - min) of `repeats` calls of run() (each returns a figure), after warm-up."""
-    for _ in range(warmup):
-        run()
-    values = [run() for _ in range(repeats)]
-    return statistics.median(values), max(values) - min(values)
-
-
 def interleaved(runs: dict[str, Callable[[], float]], repeats: int = 3,
                 warmup: int = 1) -> dict[str, list[float]]:
     """Run each system in turn, repeat after repeat, so slow phases of a noisy machine hit all."""

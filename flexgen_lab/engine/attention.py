@@ -53,7 +53,7 @@ class CacheAttention:
 
     def load(self, token: int, layer: int, batch: int, slot: int, links: Links) -> None:
         """Bring past rows [0, p) of the off-gpu segments where attention will read them."""
-        past = self._past(batch, token)
+        past = self._past(token)
         for tier, seg in self._segments(layer, batch).items():
             if tier == "gpu" or (self.delegate and tier == "cpu"):
                 continue  # read in place
@@ -64,7 +64,8 @@ class CacheAttention:
                 stage = self._buffer("stage", tier, slot, "gpu", True)
                 seg.read_prefix(stage, past, links, token, bounce, True, self.load_names)
 
-    def _past(self, batch: int, token: int) -> int:
+    def _past(self, token: int) -> int:
+        """Positions already in the cache when token step `token` (>= 1) runs."""
         return self._prompt_len + token - 1
 
     def start_block(self, prompt_len: int) -> None:
@@ -74,7 +75,7 @@ class CacheAttention:
                rows: dict[str, torch.Tensor], key_mask: torch.Tensor, scale: float,
                links: Links) -> tuple[torch.Tensor, dict]:
         """Decode: q (b, nh, 1, d), rows k/v (1, b, nkv, d) -> (b, 1, nh*d), pending stores."""
-        p = self._past(batch, token)
+        p = self._past(token)
         outs, pending = [], {}
         for tier, seg in self._segments(layer, batch).items():
             a, b = seg.seqs

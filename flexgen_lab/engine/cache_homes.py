@@ -54,10 +54,6 @@ class Segment:
                 offset = self.offsets[name] + pos * self.row_bytes[name]
                 links.read(self.file, offset, dst[name][r], token)
 
-    @property
-    def n(self) -> int:
-        return self.seqs[1] - self.seqs[0]
-
     def write_rows(self, rows: dict[str, torch.Tensor], start: int, links: Links, token: int,
                    stage: dict[str, torch.Tensor] | None, rows_on_cpu: bool) -> None:
         """Put token-major rows [start, start + t) of every array in place.

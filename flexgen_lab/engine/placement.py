@@ -41,11 +41,6 @@ class UnitSplit:
             start += count
         return out
 
-    def only(self) -> str | None:
-        """The single tier holding everything, if there is one."""
-        tiers = list(self.ranges())
-        return tiers[0] if len(tiers) == 1 else None
-
 
 def split_units(units: int, share: Placement) -> UnitSplit:
     """Nearest unit counts to the shares; boundaries rounded once, so the error is < 1 unit."""

@@ -44,11 +44,7 @@ class SplitArray:
         for tier, part in self.parts.items():
             start, stop = self.rows[tier]
             part.copy_(full[start:stop])
-        if "disk" in self.rows and self.writable_disk:
-            start, stop = self.rows["disk"]
-            self.disk.write_from(self.disk_offset, full[start:stop].contiguous())
-
-    writable_disk = False  # weight arrays read their disk rows from the read-only weight cache
+        # disk rows are already in the read-only weight cache, written once for every run
 
     def load(self, dst: torch.Tensor, stage: torch.Tensor | None, links: Links,
              token: int) -> None:
