@@ -58,12 +58,14 @@ class HardwareProfile:
     bmm_flops_prefill: float | None
     bmm_flops_decode: float | None
     cpu_flops: float | None
+    gpu_mem_bw: float | None  # bytes/s; optional (the original had no such term)
     cpu_correction: tuple[float, float, float]
     safety_factor: float
 
     @staticmethod
     def from_config(cfg: HardwareConfig) -> HardwareProfile:
-        speeds = {key: parse_rate(getattr(cfg, key), key) for key in SPEED_FIELDS}
+        speeds = {key: parse_rate(getattr(cfg, key), key) for key in (*SPEED_FIELDS,
+                                                                      "gpu_mem_bw")}
         if not 0 < cfg.safety_factor <= 1:
             raise ConfigError(f"hardware.safety_factor={cfg.safety_factor!r}: must be in (0, 1]")
         return HardwareProfile(

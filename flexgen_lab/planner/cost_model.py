@@ -63,7 +63,8 @@ def attention_flops(spec: ModelSpec, queries: int, keys: int) -> float:
 
 
 def compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_len: int,
-                    gen_len: int, num_prompts: int) -> dict[str, dict[str, float]]:
+                    gen_len: int, num_prompts: int,
+                    dtype_bytes: int = 2) -> dict[str, dict[str, float]]:
     """Matmul and attention time per phase, all layers; delegated attention on the CPU."""
     L = spec.num_layers
     head = 2.0 * num_prompts * spec.hidden * spec.vocab  # logits of the last position
@@ -76,9 +77,13 @@ def compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, p
     keys = sum(prompt_len + i for i in range(gen_len - 1))  # summed over decode steps
     attn = L * num_prompts * attention_flops(spec, 1, keys)
     cpu = profile.cpu_flops_for(policy.gpu_batch_size, spec.hidden)
+    matmul = (gen_len - 1) * (L * layer_matmul_flops(spec, num_prompts) + head)
+    matmul /= profile.mm_flops_decode
+    if profile.gpu_mem_bw:  # decode streams every weight from device memory once a step
+        steps = (gen_len - 1) * num_prompts // policy.gpu_batch_size
+        matmul = max(matmul, steps * spec.weight_bytes(dtype_bytes) / profile.gpu_mem_bw)
     out["decode"] = {
-        "matmul": ((gen_len - 1) * (L * layer_matmul_flops(spec, num_prompts) + head)
-                   / profile.mm_flops_decode),
+        "matmul": matmul,
         "attention": attn * (1 - off_gpu) / profile.bmm_flops_decode,
         "cpu_attention": attn * off_gpu / cpu}
     return out
@@ -92,7 +97,8 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
     num_prompts = num_prompts or policy.block_size
     blocks = num_prompts // policy.block_size
     moved = link_bytes(spec, policy, schedule, prompt_len, gen_len, dtype_bytes, blocks)
-    compute = compute_seconds(spec, policy, profile, prompt_len, gen_len, num_prompts)
+    compute = compute_seconds(spec, policy, profile, prompt_len, gen_len, num_prompts,
+                              dtype_bytes)
     times, terms = {}, {}
     for phase in ("prefill", "decode"):
         io = link_seconds(moved[phase], profile, phase)

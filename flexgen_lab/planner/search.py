@@ -85,7 +85,7 @@ def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfi
         links = [pulp.lpSum(b / bandwidth[link] * x[v] for v, b in coef.get((phase, link),
                                                                               {}).items())
                  for link in bandwidth]
-        work = _compute_expr(spec, policy, profile, s, n, phase, x)
+        work = _compute_expr(spec, policy, profile, s, n, q, phase, x)
         if policy.overlap:
             for term in (*links, work):
                 prob += t >= term
@@ -102,15 +102,15 @@ def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfi
         activations=Placement(v["hg"], min(v["hc"], 1 - v["hg"])))
 
 
-def _compute_expr(spec, policy, profile, s: int, n: int, phase: str, x: dict):
+def _compute_expr(spec, policy, profile, s: int, n: int, q: int, phase: str, x: dict):
     """Compute seconds of a phase; with delegation, attention splits by where the cache is."""
     on_gpu = compute_seconds(spec, _with(policy, "cache", "gpu"), profile, s, n,
-                             policy.block_size)[phase]
+                             policy.block_size, q)[phase]
     fixed = on_gpu["matmul"]
     if not policy.cpu_delegation or phase == "prefill":
         return fixed + on_gpu["attention"]
     on_cpu = compute_seconds(spec, _with(policy, "cache", "cpu"), profile, s, n,
-                             policy.block_size)[phase]
+                             policy.block_size, q)[phase]
     return fixed + on_gpu["attention"] * x["cg"] + on_cpu["cpu_attention"] * (x["cc"] + x["cd"])
 
 
