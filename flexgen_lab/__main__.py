@@ -8,6 +8,7 @@
     python -m flexgen_lab run --cfg job                        # the composed config
     python -m flexgen_lab table [store.path=FILE] [limit=N]    # recent runs
     python -m flexgen_lab search model=opt-30b hardware=t4-paper workload=paper-512
+    python -m flexgen_lab calibrate [name=calibrated] [quick=true]    # writes a profile
 
 Hydra reads conf/ at the repository's top level (found from this file, so any working
 directory works for source and editable installs); `--config-dir DIR` adds another directory
@@ -24,8 +25,17 @@ COMMANDS = ("run", "table", "search", "reproduce", "plot", "calibrate")
 NOT_BUILT = {
     "reproduce": "experiment reproduction",
     "plot": "plots",
-    "calibrate": "hardware calibration",
 }
+
+
+def _ensure_user_config_dir() -> None:
+    """Hydra searches the calibrated-profiles directory; make it so it never warns."""
+    from flexgen_lab.hardware.calibrate import user_config_dir
+
+    try:
+        (user_config_dir() / "hardware").mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: Hydra then warns once, which is harmless
+        pass
 
 
 def _usage() -> str:
@@ -158,17 +168,44 @@ def table_command(args: list[str]) -> None:
     from flexgen_lab.results.store import ResultStore
     from flexgen_lab.results.tables import format_table, recent_runs
 
-    options = {"store.path": StoreConfig().path, "limit": "20"}
-    for arg in args:
-        key, _, value = arg.partition("=")
-        if key not in options or not value:
-            _fail(f"table: unknown argument {arg!r}; allowed: store.path=FILE, limit=N", 2)
-        options[key] = value
+    options = _options("table", args, {"store.path": StoreConfig().path, "limit": "20"})
     if not options["limit"].isdigit():
         _fail(f"table: limit={options['limit']!r} must be a positive integer", 2)
     if not Path(options["store.path"]).exists():
         _fail(f"table: no results store at {options['store.path']} (run something first)", 2)
     print(format_table(recent_runs(ResultStore(options["store.path"]), int(options["limit"]))))
+
+
+def _options(command: str, args: list[str], options: dict[str, str]) -> dict[str, str]:
+    """key=value arguments of the small commands (table, calibrate), checked by name."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key not in options or not value:
+            allowed = ", ".join(f"{k}=..." for k in options)
+            _fail(f"{command}: unknown argument {arg!r}; allowed: {allowed}", 2)
+        options[key] = value
+    return options
+
+
+def calibrate_command(args: list[str]) -> None:
+    """Measure this machine: calibrate [name=calibrated] [quick=false] [offload_dir=DIR]."""
+    import torch
+
+    from flexgen_lab.hardware import calibrate
+
+    options = _options("calibrate", args, {"name": "calibrated", "quick": "false",
+                                           "offload_dir": "results/offload"})
+    if options["quick"] not in ("true", "false"):
+        _fail(f"calibrate: quick={options['quick']!r}; allowed: true, false", 2)
+    quick = options["quick"] == "true"
+    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+    speeds = calibrate.measure(quick, options["offload_dir"], dtype)
+    capacities = calibrate.default_capacities(options["offload_dir"])
+    path = calibrate.write_profile(options["name"], speeds, capacities, quick)
+    for key, value in speeds.items():
+        unit = "FLOP/s" if "flops" in key else "B/s"
+        print(f"  {key:32s} {value:12.4g} {unit} (measured)")
+    print(f"wrote {path}; use it with hardware={options['name']}")
 
 
 def main() -> None:
@@ -184,6 +221,10 @@ def main() -> None:
     if command == "table":
         table_command(args[1:])
         return
+    if command == "calibrate":
+        calibrate_command(args[1:])
+        return
+    _ensure_user_config_dir()
     sys.argv = [f"{sys.argv[0]} {command}", *args[1:]]
     run_command(_search_task if command == "search" else _run_task)
 

@@ -1,0 +1,148 @@
+"""Measure this machine's speeds and write them as a hardware profile Hydra finds by name.
+
+    python -m flexgen_lab calibrate                      # writes hardware/calibrated.yaml
+    python -m flexgen_lab calibrate name=mybox quick=true
+    python -m flexgen_lab run hardware=mybox policy=search
+
+Copies between the tiers (real CUDA copies from pinned memory on a GPU; host copies into
+another buffer without one, as the engine does), disk reads and writes with the page cache
+bypassed (the engine's own DiskFile), matmul and batched-matmul throughput shaped like
+prefill and decode, CPU attention, and device memory bandwidth. Each figure is the median of
+a few repeats after a warm-up. The profile goes to $FLEXGEN_LAB_CONFIG_DIR/hardware/ (default
+~/.config/flexgen_lab), a directory conf/config.yaml adds to Hydra's search path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from flexgen_lab.engine.disk import DiskFile, aligned_empty
+
+GiB = 2**30
+
+
+def user_config_dir() -> Path:
+    default = Path(os.environ.get("HOME", tempfile.gettempdir())) / ".config" / "flexgen_lab"
+    return Path(os.environ.get("FLEXGEN_LAB_CONFIG_DIR", default))
+
+
+def _median_seconds(fn, repeats: int, sync) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _copy_rates(device: torch.device, nbytes: int, repeats: int, sync) -> dict[str, float]:
+    pinned = device.type == "cuda"
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    compute = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    up = nbytes / _median_seconds(lambda: compute.copy_(host), repeats, sync)
+    down = nbytes / _median_seconds(lambda: host.copy_(compute), repeats, sync)
+    other = torch.empty_like(compute)
+    local = 2 * nbytes / _median_seconds(lambda: other.copy_(compute), repeats, sync)
+    return {"bw_cpu_to_gpu": up, "bw_gpu_to_cpu_cache": down, "bw_gpu_to_cpu_hidden": down,
+            "gpu_mem_bw": local}
+
+
+def _disk_rates(directory: Path, nbytes: int, repeats: int) -> dict[str, float]:
+    buf = aligned_empty(nbytes)
+    buf.random_(0, 255)
+    writes, reads = [], []
+    for r in range(repeats + 1):
+        with DiskFile(directory / f"calibrate-{r}.bin", nbytes, "direct") as f:
+            start = time.perf_counter()
+            f.write_from(0, buf)
+            fd = os.open(f.path, os.O_RDONLY)
+            os.fsync(fd)  # the write is on the device, not in a cache, before the clock stops
+            os.close(fd)
+            writes.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            f.read_into(0, buf)
+            reads.append(time.perf_counter() - start)
+        (directory / f"calibrate-{r}.bin").unlink()
+    write = nbytes / statistics.median(writes[1:])
+    return {"bw_disk_to_cpu": nbytes / statistics.median(reads[1:]),
+            "bw_cpu_to_disk_cache_prefill": write, "bw_cpu_to_disk_hidden_prefill": write,
+            "bw_cpu_to_disk_decode": write}
+
+
+def _flop_rates(device: torch.device, dtype: torch.dtype, h: int, repeats: int,
+                sync) -> dict[str, float]:
+    """Matmuls shaped like a prefill (512 tokens) and a decode step (16 tokens); attention
+    bmm over 512 keys for 512 queries (prefill) or one (decode), head_dim 128."""
+    def rate(a_shape, b_shape, batched=False):
+        a = torch.randn(a_shape, dtype=dtype, device=device)
+        b = torch.randn(b_shape, dtype=dtype, device=device)
+        op = torch.bmm if batched else torch.matmul
+        flops = 2 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if batched else 1)
+        return flops / _median_seconds(lambda: op(a, b), repeats, sync)
+
+    heads = max(1, h // 128)
+    return {"mm_flops_prefill": rate((512, h), (h, 4 * h)),
+            "mm_flops_decode": rate((16, h), (h, 4 * h)),
+            "bmm_flops_prefill": rate((heads, 512, 128), (heads, 128, 512), True),
+            "bmm_flops_decode": rate((16 * heads, 1, 128), (16 * heads, 128, 512), True)}
+
+
+def _cpu_attention_rate(h: int, repeats: int) -> float:
+    """Delegated decode attention on the CPU in fp32: (b*heads, 1, d) x (d, s)."""
+    heads = max(1, h // 128)
+    q = torch.randn(16 * heads, 1, 128)
+    k = torch.randn(16 * heads, 128, 512)
+    return 2 * 16 * heads * 128 * 512 / _median_seconds(lambda: torch.bmm(q, k), repeats,
+                                                        lambda: None)
+
+
+def measure(quick: bool, offload_dir: str | Path, dtype: torch.dtype) -> dict[str, float]:
+    """Every speed of a profile (bytes/s, FLOP/s), measured here."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    repeats, nbytes, h = (2, 32 * 2**20, 512) if quick else (5, 512 * 2**20, 4096)
+    directory = Path(offload_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    return {**_copy_rates(device, nbytes, repeats, sync),
+            **_disk_rates(directory, nbytes, repeats),
+            **_flop_rates(device, dtype, h, repeats, sync),
+            "cpu_flops": _cpu_attention_rate(h, repeats)}
+
+
+def default_capacities(offload_dir: str | Path) -> dict[str, int]:
+    """Budgets this machine can honour: a quarter of RAM (or 90 % of the GPU) as the gpu tier,
+    half of RAM as the cpu tier, half of the free disk as the disk tier."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    gpu = (int(0.9 * torch.cuda.get_device_properties(0).total_memory)
+           if torch.cuda.is_available() else ram // 4)
+    free = shutil.disk_usage(Path(offload_dir)).free
+    return {"gpu_mem": gpu, "cpu_mem": ram // 2, "disk_mem": free // 2}
+
+
+def write_profile(name: str, speeds: dict[str, float], capacities: dict[str, int],
+                  quick: bool, directory: Path | None = None) -> Path:
+    """hardware/<name>.yaml under the user config directory (or `directory`)."""
+    target = (directory or user_config_dir()) / "hardware" / f"{name}.yaml"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# python -m flexgen_lab run hardware={name}   (written by calibrate)",
+             f"name: {name}",
+             *[f"{key}: {value}" for key, value in capacities.items()],
+             f'source: "calibrate on {socket.gethostname()}, {when}'
+             f'{", quick" if quick else ""}; torch {torch.__version__}"',
+             *[f"{key}: {value:.6g}" for key, value in speeds.items()],
+             "cpu_correction: [0.0, 0.0, 0.0]", "safety_factor: 0.8"]
+    target.write_text("\n".join(lines) + "\n")
+    return target

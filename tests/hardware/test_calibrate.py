@@ -1,0 +1,34 @@
+"""calibrate measures this machine and writes a profile that Hydra then finds by name."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import yaml
+
+from flexgen_lab.hardware.profile import SPEED_FIELDS
+
+
+def test_quick_calibration_writes_a_profile_hydra_finds(tmp_path):
+    env = {**os.environ, "FLEXGEN_LAB_CONFIG_DIR": str(tmp_path / "cfg")}
+    out = subprocess.run([sys.executable, "-m", "flexgen_lab", "calibrate", "name=here",
+                          "quick=true", f"offload_dir={tmp_path / 'off'}"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    profile = yaml.safe_load((tmp_path / "cfg" / "hardware" / "here.yaml").read_text())
+    for key in (*SPEED_FIELDS, "gpu_mem_bw"):
+        assert float(profile[key]) > 0, key
+    assert "calibrate on" in profile["source"] and not list((tmp_path / "off").iterdir())
+    cfg = subprocess.run([sys.executable, "-m", "flexgen_lab", "run", "hardware=here",
+                          "--cfg", "job"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert cfg.returncode == 0 and "name: here" in cfg.stdout
+    assert "bw_disk_to_cpu:" in cfg.stdout and "bw_disk_to_cpu: null" not in cfg.stdout
+
+
+def test_calibrate_rejects_unknown_arguments(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "flexgen_lab", "calibrate", "speed=11"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "speed=11" in out.stderr and "name=" in out.stderr
