@@ -99,6 +99,17 @@ def _flop_rates(device: torch.device, dtype: torch.dtype, h: int, repeats: int,
             "bmm_flops_decode": rate((16 * heads, 1, 128), (16 * heads, 128, 512), True)}
 
 
+def _dequant_rate(device: torch.device, dtype: torch.dtype, h: int, repeats: int,
+                  sync) -> float:
+    """Bytes of dequantised output per second (4-bit, groups of 64), on the compute device."""
+    from flexgen_lab.engine.compress import CompressionConfig, dequantize, quantize
+
+    packed = quantize(torch.randn(h, 4 * h, dtype=dtype, device=device),
+                      CompressionConfig(4, 64, 0))
+    out = torch.empty(h, 4 * h, dtype=dtype, device=device)
+    return out.nbytes / _median_seconds(lambda: dequantize(packed, out=out), repeats, sync)
+
+
 def _cpu_attention_rate(h: int, repeats: int) -> float:
     """Delegated decode attention on the CPU in fp32: (b*heads, 1, d) x (d, s)."""
     heads = max(1, h // 128)
@@ -118,7 +129,8 @@ def measure(quick: bool, offload_dir: str | Path, dtype: torch.dtype) -> dict[st
     return {**_copy_rates(device, nbytes, repeats, sync),
             **_disk_rates(directory, nbytes, repeats),
             **_flop_rates(device, dtype, h, repeats, sync),
-            "cpu_flops": _cpu_attention_rate(h, repeats)}
+            "cpu_flops": _cpu_attention_rate(h, repeats),
+            "dequant_rate": _dequant_rate(device, dtype, h, repeats, sync)}
 
 
 def default_capacities(offload_dir: str | Path) -> dict[str, int]:

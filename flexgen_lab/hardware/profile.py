@@ -21,6 +21,7 @@ SPEED_FIELDS = ("bw_cpu_to_gpu", "bw_gpu_to_cpu_cache", "bw_gpu_to_cpu_hidden", 
                 "bw_cpu_to_disk_cache_prefill", "bw_cpu_to_disk_hidden_prefill",
                 "bw_cpu_to_disk_decode", "mm_flops_prefill", "mm_flops_decode",
                 "bmm_flops_prefill", "bmm_flops_decode", "cpu_flops")
+OPTIONAL_SPEEDS = ("gpu_mem_bw", "dequant_rate")  # terms the original cost model did not have
 _RATE_UNITS = {"B/s": 1, "KB/s": 1e3, "MB/s": 1e6, "GB/s": 1e9, "TB/s": 1e12,
                "KiB/s": 2**10, "MiB/s": 2**20, "GiB/s": 2**30, "FLOP/s": 1, "GFLOP/s": 1e9,
                "TFLOP/s": 1e12}
@@ -59,13 +60,14 @@ class HardwareProfile:
     bmm_flops_decode: float | None
     cpu_flops: float | None
     gpu_mem_bw: float | None  # bytes/s; optional (the original had no such term)
+    dequant_rate: float | None  # bytes/s of dequantised output; optional (nor this one)
     cpu_correction: tuple[float, float, float]
     safety_factor: float
 
     @staticmethod
     def from_config(cfg: HardwareConfig) -> HardwareProfile:
         speeds = {key: parse_rate(getattr(cfg, key), key) for key in (*SPEED_FIELDS,
-                                                                      "gpu_mem_bw")}
+                                                                      *OPTIONAL_SPEEDS)}
         if not 0 < cfg.safety_factor <= 1:
             raise ConfigError(f"hardware.safety_factor={cfg.safety_factor!r}: must be in (0, 1]")
         return HardwareProfile(

@@ -82,11 +82,34 @@ def compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, p
     if profile.gpu_mem_bw:  # decode streams every weight from device memory once a step
         steps = (gen_len - 1) * num_prompts // policy.gpu_batch_size
         matmul = max(matmul, steps * spec.weight_bytes(dtype_bytes) / profile.gpu_mem_bw)
+    out["prefill"]["dequant"] = dequant_seconds(spec, policy, profile, prompt_len, 1, dtype_bytes)
     out["decode"] = {
+        "dequant": dequant_seconds(spec, policy, profile, prompt_len, gen_len, dtype_bytes)
+        - out["prefill"]["dequant"],
         "matmul": matmul,
         "attention": attn * (1 - off_gpu) / profile.bmm_flops_decode,
         "cpu_attention": attn * off_gpu / cpu}
     return out
+
+
+def dequant_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_len: int,
+                    tokens: int, dtype_bytes: int) -> float:
+    """Unpacking compressed weights and cache over the first `tokens` token steps.
+
+    Weights: every compute step (token, part, GPU batch) dequantises its part's weights
+    (as the original, once per GPU batch): tokens x num_gpu_batches x weight bytes.
+    Cache: each decode step dequantises the past rows it reads: 2 x L x prompts x p x kv_dim.
+    Divided by the profile's dequant_rate (output bytes/s); 0 when the profile has none.
+    """
+    if not profile.dequant_rate:
+        return 0.0
+    out = 0.0
+    if policy.compress_weight:
+        out += tokens * policy.num_gpu_batches * spec.weight_bytes(dtype_bytes)
+    if policy.compress_cache:
+        past = sum(prompt_len + i - 1 for i in range(1, tokens))
+        out += 2 * spec.num_layers * policy.block_size * past * spec.kv_dim * dtype_bytes
+    return out / profile.dequant_rate
 
 
 def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile,

@@ -106,7 +106,7 @@ def _compute_expr(spec, policy, profile, s: int, n: int, q: int, phase: str, x: 
     """Compute seconds of a phase; with delegation, attention splits by where the cache is."""
     on_gpu = compute_seconds(spec, _with(policy, "cache", "gpu"), profile, s, n,
                              policy.block_size, q)[phase]
-    fixed = on_gpu["matmul"]
+    fixed = on_gpu["matmul"] + on_gpu.get("dequant", 0.0)
     if not policy.cpu_delegation or phase == "prefill":
         return fixed + on_gpu["attention"]
     on_cpu = compute_seconds(spec, _with(policy, "cache", "cpu"), profile, s, n,

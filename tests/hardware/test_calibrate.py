@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from flexgen_lab.hardware.profile import SPEED_FIELDS
+from flexgen_lab.hardware.profile import OPTIONAL_SPEEDS, SPEED_FIELDS
 
 
 def test_quick_calibration_writes_a_profile_hydra_finds(tmp_path):
@@ -18,7 +18,7 @@ def test_quick_calibration_writes_a_profile_hydra_finds(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     profile = yaml.safe_load((tmp_path / "cfg" / "hardware" / "here.yaml").read_text())
-    for key in (*SPEED_FIELDS, "gpu_mem_bw"):
+    for key in (*SPEED_FIELDS, *OPTIONAL_SPEEDS):
         assert float(profile[key]) > 0, key
     assert "calibrate on" in profile["source"] and not list((tmp_path / "off").iterdir())
     cfg = subprocess.run([sys.executable, "-m", "flexgen_lab", "run", "hardware=here",

@@ -79,3 +79,17 @@ def test_decode_reads_every_weight_each_step_so_batching_pays_when_resident():
     a, b = (predict(spec, Policy(gpu_batch_size=g), "zigzag", without, 512, 32)
             for g in (1, 8))
     assert b.generation_throughput == pytest.approx(a.generation_throughput, rel=0.05)
+
+
+def test_dequantisation_costs_time_when_the_profile_knows_its_rate():
+    spec, hw = ModelSpec.from_name("opt-1.3b"), profile("t4-paper")
+    plain = Policy(gpu_batch_size=8, weights=Placement(0, 1))
+    packed = Policy(gpu_batch_size=8, weights=Placement(0, 1), compress_weight=True)
+    fast = hw.replace(dequant_rate=None)
+    assert (predict(spec, packed, "zigzag", fast, 128, 8).generation_throughput
+            > predict(spec, plain, "zigzag", fast, 128, 8).generation_throughput)  # fewer bytes
+    slow = hw.replace(dequant_rate=1e9)  # 1 GB/s of unpacked weights
+    pred = predict(spec, packed, "zigzag", slow, 128, 8)
+    assert pred.terms["decode"]["dequant"] == pytest.approx(7 * spec.weight_bytes(2) / 1e9)
+    assert pred.generation_throughput < predict(spec, plain, "zigzag", slow, 128,
+                                                8).generation_throughput
