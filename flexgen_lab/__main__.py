@@ -130,8 +130,10 @@ def _search_task(cfg) -> None:
         profile = HardwareProfile.from_config(run_cfg.hardware)
         dtype = TORCH_DTYPES[resolve_dtype(run_cfg.dtype, compute_device())]
         w = run_cfg.workload
+        p = run_cfg.policy
         found = search(spec, profile, w.prompt_len, w.gen_len, dtype.itemsize,
-                       to_policy(run_cfg), run_cfg.schedule.name, run_cfg.policy.cpu_delegation)
+                       to_policy(run_cfg), run_cfg.schedule.name, p.cpu_delegation,
+                       compress=(p.compress_weight, p.compress_cache))
     except ConfigError as err:
         _fail(str(err), 2)
     if found is None:
@@ -146,7 +148,8 @@ def _search_summary(found, model: str, hardware: str) -> str:
     return (f"{model} on {hardware} [predicted, cost model]: {pred.generation_throughput:.3f} "
             f"token/s (prefill {pred.prefill_s:.1f} s, decode {pred.decode_s:.1f} s)\n"
             f"  gpu_batch_size {p.gpu_batch_size} x num_gpu_batches {p.num_gpu_batches}, "
-            f"schedule {found.schedule}, cpu_delegation {p.cpu_delegation}\n"
+            f"schedule {found.schedule}, cpu_delegation {p.cpu_delegation}, compress weight "
+            f"{p.compress_weight} cache {p.compress_cache}\n"
             f"  weights {place(p.weights)}\n  cache {place(p.cache)}\n"
             f"  activations {place(p.activations)}\n  peak memory: {peaks}\n"
             f"  ({found.lps_solved} LPs in {found.seconds:.1f} s)")

@@ -24,6 +24,7 @@ DISK_IO = ("direct", "buffered")
 PROMPT_SOURCES = ("synthetic", "text")
 POLICY_KINDS = ("manual", "search")
 DISTRIBUTED = ("none", "pipeline")
+COST_MODELS = ("flexgen_lab", "flexgen-original")  # planner/cost_model.py implements each
 
 
 class ConfigError(ValueError):
@@ -136,6 +137,11 @@ class EngineConfig:
 
 
 @dataclass
+class CostModelConfig:
+    variant: str = "flexgen_lab"  # flexgen_lab | flexgen-original (the original's formulas)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -147,6 +153,7 @@ class RunConfig:
     system: SystemConfig = field(default_factory=SystemConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    cost_model: CostModelConfig = field(default_factory=CostModelConfig)
     dtype: str = "auto"
     seed: int = 0
     trace: bool = False
@@ -227,7 +234,8 @@ def _check_choices(cfg: RunConfig) -> list[str]:
             + _choice("engine.disk_io", cfg.engine.disk_io, DISK_IO)
             + _choice("workload.prompts", cfg.workload.prompts, PROMPT_SOURCES)
             + _choice("policy.name", cfg.policy.name, POLICY_KINDS)
-            + _choice("distributed.name", cfg.distributed.name, DISTRIBUTED))
+            + _choice("distributed.name", cfg.distributed.name, DISTRIBUTED)
+            + _choice("cost_model.variant", cfg.cost_model.variant, COST_MODELS))
 
 
 def _check_sizes(cfg: RunConfig) -> list[str]:

@@ -31,7 +31,7 @@ from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import open_weights
-from flexgen_lab.planner.cost_model import predict
+from flexgen_lab.planner.cost_model import flexgen_original, predict
 from flexgen_lab.results.store import ResultStore
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -175,10 +175,12 @@ def prediction_columns(cfg: RunConfig, spec: ModelSpec, dtype: str) -> dict:
     profile = HardwareProfile.from_config(cfg.hardware)
     if profile.missing_speeds():
         return {}
-    policy = to_policy(cfg)
-    pred = predict(spec, policy, cfg.schedule.name, profile, cfg.workload.prompt_len,
-                   cfg.workload.gen_len, TORCH_DTYPES[dtype].itemsize,
-                   cfg.workload.num_prompts or policy.block_size)
+    policy, w = to_policy(cfg), cfg.workload
+    if cfg.cost_model.variant == "flexgen-original":  # one block, as the original modelled
+        pred = flexgen_original(spec, policy, profile, w.prompt_len, w.gen_len)
+    else:
+        pred = predict(spec, policy, cfg.schedule.name, profile, w.prompt_len, w.gen_len,
+                       TORCH_DTYPES[dtype].itemsize, w.num_prompts or policy.block_size)
     return {"predicted_generation_throughput": pred.generation_throughput,
             "predicted_prefill_s": pred.prefill_s, "predicted_decode_s": pred.decode_s}
 
@@ -219,7 +221,8 @@ def searched(cfg: RunConfig, spec: ModelSpec, dtype: str) -> RunConfig:
     profile.require_speeds()
     w = cfg.workload
     found = search(spec, profile, w.prompt_len, w.gen_len, TORCH_DTYPES[dtype].itemsize,
-                   to_policy(cfg), cfg.schedule.name, cfg.policy.cpu_delegation)
+                   to_policy(cfg), cfg.schedule.name, cfg.policy.cpu_delegation,
+                   compress=(cfg.policy.compress_weight, cfg.policy.compress_cache))
     if found is None:
         raise ConfigError(f"policy=search: no policy fits {spec.name} in hardware="
                           f"{cfg.hardware.name}'s budgets")
@@ -227,6 +230,7 @@ def searched(cfg: RunConfig, spec: ModelSpec, dtype: str) -> RunConfig:
     p, f = out.policy, found.policy
     p.gpu_batch_size, p.num_gpu_batches, p.cpu_delegation = (
         f.gpu_batch_size, f.num_gpu_batches, f.cpu_delegation)
+    p.compress_weight, p.compress_cache = f.compress_weight, f.compress_cache
     for kind in ("weights", "cache", "activations"):
         place = getattr(f, kind)
         getattr(p, kind).gpu, getattr(p, kind).cpu = place.gpu, place.cpu

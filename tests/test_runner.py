@@ -175,3 +175,16 @@ def test_policy_search_runs_the_searched_policy_and_keeps_the_requested_hash(tmp
     assert row.w_gpu < 1 and row.predicted_generation_throughput > 0
     assert row.peak_gpu_bytes <= 1.5 * 2**20
     assert result.generation.output_ids.shape[0] == row.num_prompts
+
+
+def test_cost_model_variant_selects_the_original_formulas(tmp_path):
+    cfg = tiny_config(tmp_path)
+    for key, rate in SPEEDS:
+        setattr(cfg.hardware, key, rate)
+    ours = run(cfg).row["predicted_generation_throughput"]
+    cfg.cost_model.variant = "flexgen-original"
+    original = run(cfg).row["predicted_generation_throughput"]
+    assert ours > 0 and original > 0 and original != pytest.approx(ours)
+    cfg.cost_model.variant = "roofline"
+    with pytest.raises(ConfigError, match="cost_model.variant='roofline'"):
+        run(cfg)

@@ -123,36 +123,54 @@ def _doubling(limit: int) -> list[int]:
     return out
 
 
+def _choices(value: bool | None) -> list[bool]:
+    """A boolean the user fixed, or both when it is left to the search (None)."""
+    return [value] if value is not None else [True, False]
+
+
 def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2,
            base: Policy | None = None, schedule: str = "zigzag",
            delegation: bool | None = None, batch_sizes: tuple[int, ...] = GPU_BATCH_SIZES,
-           max_gpu_batches: int = MAX_GPU_BATCHES) -> Found | None:
+           max_gpu_batches: int = MAX_GPU_BATCHES,
+           compress: tuple[bool | None, bool | None] = (False, False)) -> Found | None:
     """Enumerate gbs, and num_gpu_batches in doublings while throughput grows and the LP stays
-    feasible (the original stepped one by one); delegation too when left open (None)."""
+    feasible (the original stepped one by one); delegation and compression (weight, cache)
+    too, each when left open (None)."""
     profile.require_speeds()
     start, best, solved = time.perf_counter(), None, 0
     base = base or Policy()
-    for delegate in ([delegation] if delegation is not None else [True, False]):
-        for gbs in batch_sizes:
-            previous = None
-            for ngb in _doubling(max_gpu_batches):
-                candidate = dataclasses.replace(base, gpu_batch_size=gbs, num_gpu_batches=ngb,
-                                                cpu_delegation=delegate)
-                found = solve(spec, candidate, schedule, profile, s, n, q)
-                solved += 1
-                if found is None:
-                    break
-                pred = predict(spec, found, schedule, profile, s, n, q)
-                if previous is not None and pred.generation_throughput <= previous:
-                    break
-                previous = pred.generation_throughput
-                if best is None or previous > best[1].generation_throughput:
-                    best = (found, pred)
-            if previous is None and gbs > 1:
-                break  # this batch size fits no placement: larger ones will not either
+    booleans = [(d, w, c) for d in _choices(delegation) for w in _choices(compress[0])
+                for c in _choices(compress[1])]
+    for delegate, weights, cache in booleans:
+        fixed = dataclasses.replace(base, cpu_delegation=delegate, compress_weight=weights,
+                                    compress_cache=cache)
+        best, solved = _batch_sizes(spec, profile, s, n, q, fixed, schedule, batch_sizes,
+                                    max_gpu_batches, best, solved)
     if best is None:
         return None
     policy, pred = best
     peak = {t: m.at(policy) for t, m in
             memory_terms(spec, policy, s, n, q, exact=True).items()}
     return Found(policy, schedule, pred, peak, solved, time.perf_counter() - start)
+
+
+def _batch_sizes(spec, profile, s, n, q, base, schedule, batch_sizes, max_gpu_batches, best,
+                 solved):
+    """The search over (gbs, num_gpu_batches) for fixed booleans; returns (best, LPs solved)."""
+    for gbs in batch_sizes:
+        previous = None
+        for ngb in _doubling(max_gpu_batches):
+            candidate = dataclasses.replace(base, gpu_batch_size=gbs, num_gpu_batches=ngb)
+            found = solve(spec, candidate, schedule, profile, s, n, q)
+            solved += 1
+            if found is None:
+                break
+            pred = predict(spec, found, schedule, profile, s, n, q)
+            if previous is not None and pred.generation_throughput <= previous:
+                break
+            previous = pred.generation_throughput
+            if best is None or previous > best[1].generation_throughput:
+                best = (found, pred)
+        if previous is None and gbs > 1:
+            break  # this batch size fits no placement: larger ones will not either
+    return best, solved

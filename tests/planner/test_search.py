@@ -49,3 +49,14 @@ def test_search_command_prints_a_policy(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "token/s" in out.stdout and "weights gpu" in out.stdout and "[predicted" in out.stdout
+
+
+def test_booleans_left_open_are_searched_too():
+    spec, hw = ModelSpec.from_name("opt-175b"), profile("t4-paper-fitted")
+    fixed = search(spec, hw, 512, 32, batch_sizes=(8, 16), max_gpu_batches=8)
+    both = search(spec, hw, 512, 32, batch_sizes=(8, 16), max_gpu_batches=8, delegation=None,
+                  compress=(None, None))
+    assert both.lps_solved > 4 * fixed.lps_solved / 2  # every combination was tried
+    assert both.prediction.generation_throughput >= fixed.prediction.generation_throughput
+    # compressed, opt-175b fits in the T4 machine's CPU memory (as the paper's policy does)
+    assert both.policy.compress_weight and both.policy.weights.disk < 0.01
