@@ -20,8 +20,6 @@ from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.engine.transfer import Links
 from flexgen_lab.models import ops
 
-NUM_SLOTS = 2  # double buffering: the next batch's cache loads while this one computes
-
 
 class CacheAttention:
     """Loads, attends over and stores the KV cache of one block, with its staging buffers."""

@@ -67,23 +67,3 @@ def batch_ranges(block_split: UnitSplit, batch: int, batch_size: int) -> dict[st
             out[tier] = (start, start + count)
         start += count
     return out
-
-
-@dataclass
-class PlacementReport:
-    """Bytes asked (share x total) and achieved per tier, for weights, cache and activations."""
-
-    asked: dict[str, dict[str, float]]
-    achieved: dict[str, dict[str, int]]
-
-    @classmethod
-    def empty(cls) -> PlacementReport:
-        kinds = ("weights", "cache", "activations")
-        return cls({k: dict.fromkeys(TIERS, 0.0) for k in kinds},
-                   {k: dict.fromkeys(TIERS, 0) for k in kinds})
-
-    def add(self, kind: str, share: Placement, total_bytes: int,
-            achieved: dict[str, int]) -> None:
-        for tier in TIERS:
-            self.asked[kind][tier] += getattr(share, tier) * total_bytes
-            self.achieved[kind][tier] += achieved.get(tier, 0)
