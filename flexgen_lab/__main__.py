@@ -109,12 +109,14 @@ def _run_task(cfg) -> dict:
 
 def _summary(result, store_path: str) -> str:
     r = result.row
-    return (f"{r['model']} {r['system']} on {r['device']} ({r['dtype']}), "
+    where = (f"simulated on hardware={r['hardware']}" if r["backend"] == "simulated"
+             else f"on {r['device']}")
+    return (f"{r['model']} {r['system']} {where} ({r['dtype']}), "
             f"{r['num_prompts']} prompts x {r['prompt_len']}+{r['gen_len']} tokens: "
             f"generation {r['generation_throughput']:.2f} token/s, "
             f"prefill {r['prefill_throughput']:.1f} token/s ({r['prefill_s']:.3f} s), "
             f"decode {r['decode_throughput'] or 0:.2f} token/s ({r['decode_s']:.3f} s) "
-            f"[measured]\nstored as run_id {result.run_id} in {store_path}")
+            f"[{r['backend']}]\nstored as run_id {result.run_id} in {store_path}")
 
 
 def _search_task(cfg) -> None:

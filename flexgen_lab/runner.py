@@ -35,6 +35,7 @@ from flexgen_lab.planner.cost_model import flexgen_original, predict
 from flexgen_lab.results.store import ResultStore
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SIMULATED = torch.device("meta")  # backend=simulated computes nothing on any device
 
 
 class NotBuiltError(ConfigError):
@@ -53,18 +54,19 @@ class RunFailed(RuntimeError):
 class RunResult:
     run_id: int
     row: dict
-    generation: Generation
+    generation: Generation | None  # None for a simulated run (no tokens)
 
 
 def compute_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def resolve_dtype(name: str, device: torch.device) -> str:
-    """auto = float16 on CUDA, float32 on the CPU (the row stores the resolved name)."""
+def resolve_dtype(name: str, device: torch.device, simulated: bool = False) -> str:
+    """auto = float16 on CUDA (and on a simulated machine, which is a GPU profile), float32 on
+    the CPU (the row stores the resolved name)."""
     if name != "auto":
         return name
-    return "float16" if device.type == "cuda" else "float32"
+    return "float16" if device.type == "cuda" or simulated else "float32"
 
 
 def to_policy(cfg: RunConfig) -> Policy:
@@ -83,9 +85,10 @@ def to_policy(cfg: RunConfig) -> Policy:
 
 def check_built(cfg: RunConfig) -> None:
     """Refuse, by name, every option that is configured but not implemented yet."""
+    if cfg.backend.name == "simulated" and cfg.system.name != "flexgen_lab":
+        raise ConfigError(f"backend=simulated with system={cfg.system.name}: the simulator "
+                          "times flexgen_lab's op stream; allowed: system=flexgen_lab")
     missing = []
-    if cfg.backend.name != "measured":
-        missing.append(f"backend={cfg.backend.name} (the simulator)")
     if cfg.system.name not in ("flexgen_lab", "hf"):
         missing.append(f"system={cfg.system.name} (that baseline)")
     if cfg.distributed.name != "none":
@@ -141,6 +144,8 @@ def git_commit() -> str | None:
 
 
 def device_name(device: torch.device) -> str:
+    if device.type == "meta":
+        return "simulated"
     if device.type == "cuda":
         return f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name(device)}"
     return "cpu"
@@ -209,6 +214,11 @@ def prepare(cfg: RunConfig) -> tuple[ModelSpec, torch.device, str, dict[str, int
     if cfg.model.name == "local" and not cfg.model.path:
         raise ConfigError("model=local needs model.path=DIR (config.json + *.safetensors)")
     check_built(cfg)
+    if cfg.backend.name == "simulated":  # any profile, as long as it has speeds
+        HardwareProfile.from_config(cfg.hardware).require_speeds()
+        budgets = {tier: parse_bytes(getattr(cfg.hardware, f"{tier}_mem"),
+                                     f"hardware.{tier}_mem") for tier in ("gpu", "cpu", "disk")}
+        return spec, SIMULATED, resolve_dtype(cfg.dtype, SIMULATED, True), budgets
     device = compute_device()
     return spec, device, resolve_dtype(cfg.dtype, device), check_budgets(cfg, device)
 
@@ -247,6 +257,8 @@ def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
     row = config_columns(cfg, spec, dtype, device, budgets) | prediction_columns(cfg, spec, dtype)
     row["config_hash"] = requested_hash  # a searched run is known by what was asked
     tracer = TraceRecorder() if cfg.trace else None
+    if cfg.backend.name == "simulated":
+        return _simulated(cfg, spec, dtype, store, row, tracer)
     try:
         progress = ProgressBar(cfg, spec) if cfg.system.name == "flexgen_lab" else None
         with progress or contextlib.nullcontext():
@@ -263,6 +275,39 @@ def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
               enumerate(zip(workload.unpadded(ids, mask), gen.output_ids.tolist(), strict=True))]
     run_id = store.record_run(row, tokens=tokens, trace=tracer.rows if tracer else None)
     return RunResult(run_id, row, gen)
+
+
+def _simulated(cfg: RunConfig, spec: ModelSpec, dtype: str, store: ResultStore, row: dict,
+               tracer: TraceRecorder | None) -> RunResult:
+    """backend=simulated: the op stream timed on the profile; peaks from the memory model, and
+    a policy whose modelled peak exceeds a tier's capacity is stored as oom, like the engine's
+    BudgetExceeded."""
+    from flexgen_lab.planner.memory_model import peak_bytes
+    from flexgen_lab.sim.simulator import simulate
+
+    policy, w = to_policy(cfg), cfg.workload
+    q = TORCH_DTYPES[dtype].itemsize
+    num_prompts = w.num_prompts or policy.block_size
+    peaks = peak_bytes(spec, policy, w.prompt_len, w.gen_len, q)
+    row |= {f"peak_{tier}_bytes": int(n) for tier, n in peaks.items()}
+    over = [f"{tier} tier: modelled peak {int(n)} bytes > capacity {row[f'{tier}_budget_bytes']}"
+            for tier, n in peaks.items() if n > row[f"{tier}_budget_bytes"]]
+    if over:
+        message = "BudgetExceeded (simulated): " + "; ".join(over)
+        run_id = store.record_run({**row, "status": "oom", "error": message})
+        raise RunFailed(message, run_id, "oom")
+    sim = simulate(spec, policy, cfg.schedule.name, HardwareProfile.from_config(cfg.hardware),
+                   w.prompt_len, w.gen_len, q, num_prompts)
+    if tracer is not None:
+        tracer.device = "simulated"
+        for record in sim.trace:
+            tracer.on_op(record)
+    row |= {"status": "ok", **metrics(sim, num_prompts, w.prompt_len, w.gen_len),
+            **{f"bytes_{link}": sim.link_bytes["prefill"][link] + sim.link_bytes["decode"][link]
+               for link in sim.link_bytes["prefill"]},
+            "link_bytes_json": json.dumps(sim.link_bytes)}
+    run_id = store.record_run(row, trace=tracer.rows if tracer else None)
+    return RunResult(run_id, row, None)
 
 
 def _execute(cfg: RunConfig, spec: ModelSpec, device: torch.device, dtype: str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +45,37 @@ def test_config_error_exits_2_without_traceback(tmp_path):
 
 
 def test_not_built_option_fails_loudly(tmp_path):
-    out = cli(tmp_path, "run", *TINY, "backend=simulated")
+    out = cli(tmp_path, "run", *TINY, "distributed=pipeline")
     assert out.returncode == 2
-    assert "not built yet" in out.stderr and "backend=simulated" in out.stderr
+    assert "not built yet" in out.stderr and "distributed=pipeline" in out.stderr
+
+
+def test_simulated_run_needs_a_profile_with_speeds(tmp_path):
+    out = cli(tmp_path, "run", *TINY, "backend=simulated", "hardware=local")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "hardware=local has no speeds" in out.stderr
+
+
+def test_simulated_run_stores_a_simulated_row_with_its_trace(tmp_path):
+    out = cli(tmp_path, "run", "backend=simulated", "model=opt-175b", "hardware=t4-paper",
+              "policy=paper-175b-512", "workload=paper-512", "hardware.gpu_mem=40GB",
+              "trace=true", f"store.path={tmp_path}/r.sqlite")
+    assert out.returncode == 0, out.stderr
+    assert "[simulated]" in out.stdout
+    with sqlite3.connect(tmp_path / "r.sqlite") as db:
+        row = db.execute("SELECT backend, device, dtype, status, generation_throughput, "
+                         "bytes_disk_to_cpu, peak_gpu_bytes FROM runs").fetchone()
+        ops = db.execute("SELECT COUNT(*), SUM(bytes) FROM trace WHERE link='disk_to_cpu'"
+                         ).fetchone()
+    assert row[:4] == ("simulated", "simulated", "float16", "ok")
+    assert 0 < row[4] < 10 and row[6] > 0
+    assert ops[0] > 0 and ops[1] == row[5]  # the trace's bytes add up to the row's counters
+
+
+def test_simulated_policy_over_budget_is_stored_as_oom(tmp_path):
+    out = cli(tmp_path, "run", "backend=simulated", "model=opt-175b", "hardware=t4-paper",
+              "policy=resident", "workload=paper-512", f"store.path={tmp_path}/r.sqlite")
+    assert out.returncode == 1 and "oom" in out.stderr and "gpu tier" in out.stderr
 
 
 def broken_checkpoint(hf_checkpoint, tmp_path: Path) -> Path:

@@ -179,15 +179,17 @@ class BlockRun:
 
     def run(self) -> tuple[float, float]:
         """Execute the op stream; returns (prefill seconds, decode seconds)."""
-        phase, token, mark = [0.0, 0.0], None, None
         stream = schedule.ops(self.e.schedule, self.gen_len, self.e.spec.num_layers + 2,
                               len(self.batches))
+        # a token step runs from its first compute to the next step's; the first from the
+        # start, so loading the first weights counts in the prefill
+        phase, token, mark = [0.0, 0.0], 0, self._clock()
         try:
             for op in stream:
                 if op.kind == "compute" and op.token != token:
-                    if token is not None:
-                        phase[token > 0] += self._clock() - mark
-                    token, mark = op.token, self._clock()
+                    now = self._clock()
+                    phase[token > 0] += now - mark
+                    token, mark = op.token, now
                 getattr(self, op.kind)(op)
             wait(list(self.cache_stores.values()) + list(self.hidden_stores.values()))
             phase[token > 0] += self._clock() - mark

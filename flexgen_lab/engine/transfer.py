@@ -24,6 +24,7 @@ from flexgen_lab.engine import cuda_sync
 
 LINKS = ("cpu_to_gpu", "gpu_to_cpu", "disk_to_cpu", "cpu_to_disk")
 PHASES = ("prefill", "decode")
+IO_THREADS = 2  # loads and stores in flight at once (the simulator models the same pool)
 
 
 def phase_of(token: int) -> str:
@@ -75,7 +76,7 @@ class Links:
 class Executor:
     """Runs I/O tasks: in a thread pool (overlap) or inline (no overlap), with dependencies."""
 
-    def __init__(self, overlap: bool, num_threads: int = 2,
+    def __init__(self, overlap: bool, num_threads: int = IO_THREADS,
                  trace: Callable[[dict], None] | None = None):
         self.pool = ThreadPoolExecutor(num_threads, thread_name_prefix="io") if overlap else None
         self.trace = trace

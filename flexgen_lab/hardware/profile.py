@@ -63,11 +63,15 @@ class HardwareProfile:
     dequant_rate: float | None  # bytes/s of dequantised output; optional (nor this one)
     cpu_correction: tuple[float, float, float]
     safety_factor: float
+    step_overhead_s: float = 0.0  # seconds per compute step; 0 = none (the original had none)
 
     @staticmethod
     def from_config(cfg: HardwareConfig) -> HardwareProfile:
         speeds = {key: parse_rate(getattr(cfg, key), key) for key in (*SPEED_FIELDS,
                                                                       *OPTIONAL_SPEEDS)}
+        if not 0 <= cfg.step_overhead_s < 1:
+            raise ConfigError(f"hardware.step_overhead_s={cfg.step_overhead_s!r}: seconds per "
+                              "compute step, in [0, 1)")
         if not 0 < cfg.safety_factor <= 1:
             raise ConfigError(f"hardware.safety_factor={cfg.safety_factor!r}: must be in (0, 1]")
         return HardwareProfile(
@@ -75,7 +79,8 @@ class HardwareProfile:
             **{k: parse_bytes(getattr(cfg, k), f"hardware.{k}")
                for k in ("gpu_mem", "cpu_mem", "disk_mem")},
             cpu_correction=tuple(float(c) for c in cfg.cpu_correction),
-            safety_factor=float(cfg.safety_factor), **speeds)
+            safety_factor=float(cfg.safety_factor),
+            step_overhead_s=float(cfg.step_overhead_s), **speeds)
 
     def missing_speeds(self) -> list[str]:
         return [key for key in SPEED_FIELDS if getattr(self, key) is None]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from flexgen_lab.engine.placement import split_units
 from flexgen_lab.engine.policy import Policy
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
@@ -40,15 +41,23 @@ class Prediction:
 
 # --- variant "flexgen_lab" -----------------------------------------------------------------
 
+def link_rate(profile: HardwareProfile, link: str, phase: str) -> float:
+    """Bytes/s of a link in a phase (the cache/activation split of gpu->cpu and cpu->disk uses
+    the cache figure: it is the larger share in every FlexGen policy). The simulator uses this
+    same function, so the two read one number per link."""
+    if link == "cpu_to_gpu":
+        return profile.bw_cpu_to_gpu
+    if link == "gpu_to_cpu":
+        return profile.bw_gpu_to_cpu_cache
+    if link == "disk_to_cpu":
+        return profile.bw_disk_to_cpu
+    return (profile.bw_cpu_to_disk_cache_prefill if phase == "prefill"
+            else profile.bw_cpu_to_disk_decode)
+
+
 def link_seconds(moved: dict[str, int], profile: HardwareProfile, phase: str) -> dict:
-    """Bytes per link over that link's bandwidth (the cache/activation split of gpu->cpu and
-    cpu->disk uses the cache figure: it is the larger share in every FlexGen policy)."""
-    disk_write = (profile.bw_cpu_to_disk_cache_prefill if phase == "prefill"
-                  else profile.bw_cpu_to_disk_decode)
-    return {"cpu_to_gpu": moved["cpu_to_gpu"] / profile.bw_cpu_to_gpu,
-            "gpu_to_cpu": moved["gpu_to_cpu"] / profile.bw_gpu_to_cpu_cache,
-            "disk_to_cpu": moved["disk_to_cpu"] / profile.bw_disk_to_cpu,
-            "cpu_to_disk": moved["cpu_to_disk"] / disk_write}
+    """Bytes per link over that link's bandwidth."""
+    return {link: nbytes / link_rate(profile, link, phase) for link, nbytes in moved.items()}
 
 
 def layer_matmul_flops(spec: ModelSpec, tokens: int) -> float:
@@ -57,59 +66,89 @@ def layer_matmul_flops(spec: ModelSpec, tokens: int) -> float:
     return 2.0 * tokens * params
 
 
-def attention_flops(spec: ModelSpec, queries: int, keys: int) -> float:
+def attention_flops(spec: ModelSpec, queries: int, keys: float) -> float:
     """q.k^T and p.v: 4 x queries x keys x q_dim per layer (all heads)."""
     return 4.0 * queries * keys * spec.q_dim
+
+
+def matrix_bytes(spec: ModelSpec, part: str, dtype_bytes: int) -> int:
+    """Bytes of a part's matrices in the compute dtype (what dequantisation writes and a
+    decode step streams from device memory); the head of a tied model reuses the embedding."""
+    shapes = {"embed": spec.embedding_param_shapes, "layer": spec.layer_param_shapes,
+              "head": spec.head_param_shapes}[part]().values()
+    numel = sum(s[0] * s[1] for s in shapes if len(s) == 2)
+    if part == "head" and spec.tie_embeddings:
+        numel += spec.vocab * spec.hidden
+    return numel * dtype_bytes
+
+
+def step_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, part: str,
+                 rows: int, tokens: int, keys: float, cpu_rows: float, phase: str,
+                 dtype_bytes: int) -> dict[str, float]:
+    """One compute step: part (embed, layer, head) for `rows` sequences of `tokens` queries
+    each over `keys` keys, `cpu_rows` of them with delegated attention. Terms in seconds:
+
+    matmul    = 2 tokens rows params / mm_flops; in decode at least matrix bytes / gpu_mem_bw
+    attention = (rows - cpu_rows) 4 tokens keys q_dim / bmm_flops (half of it in prefill:
+                causal)
+    cpu_attention = cpu_rows 4 keys q_dim / (cpu_flops x correction(gbs, hidden))
+    dequant   = [matrix bytes (compressed weights) + 2 rows (keys - 1) kv_dim dtype_bytes
+                (compressed cache, decode)] / dequant_rate
+    overhead  = step_overhead_s (launches and bookkeeping per step)
+    Every term is linear in keys and cpu_rows, so a sum of steps is one call at the mean.
+    """
+    out = {"matmul": 0.0, "attention": 0.0, "cpu_attention": 0.0, "dequant": 0.0,
+           "overhead": profile.step_overhead_s or 0.0}
+    mm = profile.mm_flops_prefill if phase == "prefill" else profile.mm_flops_decode
+    if part == "head":
+        out["matmul"] = 2.0 * rows * spec.hidden * spec.vocab / mm  # the last position only
+    elif part == "layer":
+        out["matmul"] = layer_matmul_flops(spec, rows * tokens) / mm
+        bmm = profile.bmm_flops_prefill if phase == "prefill" else profile.bmm_flops_decode
+        causal = 0.5 if phase == "prefill" else 1.0
+        out["attention"] = (rows - cpu_rows) * attention_flops(spec, tokens, keys) * causal / bmm
+        if cpu_rows:
+            cpu = profile.cpu_flops_for(policy.gpu_batch_size, spec.hidden)
+            out["cpu_attention"] = cpu_rows * attention_flops(spec, 1, keys) / cpu
+    if phase == "decode" and profile.gpu_mem_bw and part != "embed":
+        out["matmul"] = max(out["matmul"], matrix_bytes(spec, part, dtype_bytes)
+                            / profile.gpu_mem_bw)
+    if profile.dequant_rate:
+        unpacked = matrix_bytes(spec, part, dtype_bytes) if policy.compress_weight else 0
+        if policy.compress_cache and part == "layer" and phase == "decode":
+            unpacked += 2 * rows * (keys - 1) * spec.kv_dim * dtype_bytes
+        out["dequant"] = unpacked / profile.dequant_rate
+    return out
+
+
+def delegated_rows(policy: Policy) -> float:
+    """Mean sequences per GPU batch whose cache is off the gpu tier (the engine's exact split),
+    when attention over them is delegated to the CPU; 0 otherwise."""
+    if not policy.cpu_delegation:
+        return 0.0
+    split = split_units(policy.block_size, policy.cache)
+    return (policy.block_size - split.gpu) / policy.num_gpu_batches
 
 
 def compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_len: int,
                     gen_len: int, num_prompts: int,
                     dtype_bytes: int = 2) -> dict[str, dict[str, float]]:
-    """Matmul and attention time per phase, all layers; delegated attention on the CPU."""
-    L = spec.num_layers
-    head = 2.0 * num_prompts * spec.hidden * spec.vocab  # logits of the last position
-    prefill = (L * (layer_matmul_flops(spec, num_prompts * prompt_len)) + head)
-    out = {"prefill": {"matmul": prefill / profile.mm_flops_prefill,
-                       "attention": L * num_prompts * attention_flops(spec, prompt_len,
-                                                                      prompt_len) / 2
-                       / profile.bmm_flops_prefill}}  # causal: half the square
-    off_gpu = 1.0 - policy.cache.gpu if policy.cpu_delegation else 0.0
-    keys = sum(prompt_len + i for i in range(gen_len - 1))  # summed over decode steps
-    attn = L * num_prompts * attention_flops(spec, 1, keys)
-    cpu = profile.cpu_flops_for(policy.gpu_batch_size, spec.hidden)
-    matmul = (gen_len - 1) * (L * layer_matmul_flops(spec, num_prompts) + head)
-    matmul /= profile.mm_flops_decode
-    if profile.gpu_mem_bw:  # decode streams every weight from device memory once a step
-        steps = (gen_len - 1) * num_prompts // policy.gpu_batch_size
-        matmul = max(matmul, steps * spec.weight_bytes(dtype_bytes) / profile.gpu_mem_bw)
-    out["prefill"]["dequant"] = dequant_seconds(spec, policy, profile, prompt_len, 1, dtype_bytes)
-    out["decode"] = {
-        "dequant": dequant_seconds(spec, policy, profile, prompt_len, gen_len, dtype_bytes)
-        - out["prefill"]["dequant"],
-        "matmul": matmul,
-        "attention": attn * (1 - off_gpu) / profile.bmm_flops_decode,
-        "cpu_attention": attn * off_gpu / cpu}
+    """Compute time per phase and term: every step of the grid, summed (step_seconds)."""
+    batches = num_prompts // policy.gpu_batch_size
+    b = policy.gpu_batch_size
+    phases = {"prefill": (1, prompt_len, prompt_len, 0.0),  # (token steps, t, keys, cpu rows)
+              "decode": (gen_len - 1, 1, prompt_len + gen_len / 2, delegated_rows(policy))}
+    out = {}
+    for phase, (token_steps, t, keys, cpu_rows) in phases.items():
+        total = dict.fromkeys(("matmul", "attention", "cpu_attention", "dequant", "overhead"),
+                              0.0)
+        for part, count in (("embed", 1), ("layer", spec.num_layers), ("head", 1)):
+            step = step_seconds(spec, policy, profile, part, b, t, keys, cpu_rows, phase,
+                                dtype_bytes)
+            for term, seconds in step.items():
+                total[term] += token_steps * batches * count * seconds
+        out[phase] = total
     return out
-
-
-def dequant_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_len: int,
-                    tokens: int, dtype_bytes: int) -> float:
-    """Unpacking compressed weights and cache over the first `tokens` token steps.
-
-    Weights: every compute step (token, part, GPU batch) dequantises its part's weights
-    (as the original, once per GPU batch): tokens x num_gpu_batches x weight bytes.
-    Cache: each decode step dequantises the past rows it reads: 2 x L x prompts x p x kv_dim.
-    Divided by the profile's dequant_rate (output bytes/s); 0 when the profile has none.
-    """
-    if not profile.dequant_rate:
-        return 0.0
-    out = 0.0
-    if policy.compress_weight:
-        out += tokens * policy.num_gpu_batches * spec.weight_bytes(dtype_bytes)
-    if policy.compress_cache:
-        past = sum(prompt_len + i - 1 for i in range(1, tokens))
-        out += 2 * spec.num_layers * policy.block_size * past * spec.kv_dim * dtype_bytes
-    return out / profile.dequant_rate
 
 
 def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile,

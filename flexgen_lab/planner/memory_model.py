@@ -158,3 +158,12 @@ def _activations(out, spec, policy, prompt_len, dtype, offloaded) -> None:
         batch = policy.gpu_batch_size * per_seq
         out["gpu"].add(None, 2 * batch)  # two load slots
         out["cpu"].add("hd", 3 * batch)  # store bounce and two load bounces
+
+
+def peak_bytes(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
+               dtype_bytes: int) -> dict[str, float]:
+    """Tier -> modelled peak bytes of one concrete policy (buffers exist only for what moves)."""
+    terms = memory_terms(spec, policy, prompt_len, gen_len, dtype_bytes,
+                         not policy.weights.all_gpu, not policy.cache.all_gpu,
+                         not policy.activations.all_gpu, exact=True)
+    return {tier: term.at(policy) for tier, term in terms.items()}

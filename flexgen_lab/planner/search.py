@@ -21,7 +21,7 @@ from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import Prediction, compute_seconds, predict
-from flexgen_lab.planner.memory_model import VARIABLES, memory_terms
+from flexgen_lab.planner.memory_model import VARIABLES, memory_terms, peak_bytes
 from flexgen_lab.planner.traffic import link_bytes
 
 KINDS = {"weights": "w", "cache": "c", "activations": "h"}
@@ -149,9 +149,8 @@ def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2
     if best is None:
         return None
     policy, pred = best
-    peak = {t: m.at(policy) for t, m in
-            memory_terms(spec, policy, s, n, q, exact=True).items()}
-    return Found(policy, schedule, pred, peak, solved, time.perf_counter() - start)
+    return Found(policy, schedule, pred, peak_bytes(spec, policy, s, n, q), solved,
+                 time.perf_counter() - start)
 
 
 def _batch_sizes(spec, profile, s, n, q, base, schedule, batch_sizes, max_gpu_batches, best,

@@ -85,57 +85,173 @@ def _weights(moved, spec, policy, schedule, gen_len, dtype) -> None:
 
 
 def _cache(moved, spec, policy, k, prompt_len, gen_len, dtype) -> None:
+    layers = spec.num_layers
+    for tier, row in cache_rows(spec, policy, k, dtype).items():
+        if gen_len > 1:
+            _add(moved["prefill"], cache_store(tier, row, prompt_len, False), layers)
+        for token in range(1, gen_len):
+            past = prompt_len + token - 1
+            _add(moved["decode"], cache_load(policy, tier, row, past), layers)
+            _add(moved["decode"], cache_attend(spec, policy, row, past, dtype), layers)
+            if token < gen_len - 1 and cache_needs_store(policy, tier):
+                _add(moved["decode"], cache_store(tier, row, 1, policy.cpu_delegation), layers)
+
+
+def _add(total: Counter, part: Counter, times: int = 1) -> None:
+    for link, nbytes in part.items():
+        total[link] += times * nbytes
+
+
+def cache_rows(spec: ModelSpec, policy: Policy, k: int, dtype: torch.dtype) -> dict[str, dict]:
+    """GPU batch k's off-gpu cache segments: tier -> {"n": sequences, array: bytes per
+    position} in the stored form (compressed or not)."""
     config = (CompressionConfig(policy.compress_bits, policy.compress_group_size, -1)
               if policy.compress_cache else None)
     split = split_units(policy.block_size, policy.cache)
-    item, layers = dtype.itemsize, spec.num_layers
-    sparse, delegate = policy.attn_sparsity < 1.0, policy.cpu_delegation
+    out = {}
     for tier, (a, b) in batch_ranges(split, k, policy.gpu_batch_size).items():
-        if tier == "gpu":
-            continue
-        n = b - a
-        row = {name: nbytes_of(shape[1:], dt) for name, (shape, dt) in
-               stored_shapes(1, n, spec, dtype, config).items()}
-        stored = sum(row.values())
-        loaded = sum(v for name, v in row.items() if name.startswith("k") or not sparse)
-        _store(moved["prefill"], tier, layers * prompt_len * stored, rows_on_cpu=False)
-        for token in range(1, gen_len):
-            phase, past = moved["decode"], prompt_len + token - 1
-            if not delegate:
-                phase["cpu_to_gpu"] += layers * past * loaded
-            if tier == "disk":
-                phase["disk_to_cpu"] += layers * past * loaded
-            if delegate:
-                phase["gpu_to_cpu"] += layers * n * (spec.q_dim + 2 * spec.kv_dim) * item
-                phase["cpu_to_gpu"] += layers * n * spec.q_dim * item
-            if sparse and not delegate:  # the chosen value vectors, stored form
-                per_vector = sum(v for name, v in row.items() if name.startswith("v"))
-                per_vector //= n * spec.num_kv_heads
-                chosen = int(policy.attn_sparsity * past)
-                phase["cpu_to_gpu"] += layers * n * spec.num_heads * chosen * per_vector
-            needs_store = tier == "disk" or not delegate or config is not None or sparse
-            if token < gen_len - 1 and needs_store:
-                _store(phase, tier, layers * stored, rows_on_cpu=delegate)
+        if tier != "gpu":
+            shapes = stored_shapes(1, b - a, spec, dtype, config)
+            out[tier] = {"n": b - a, **{name: nbytes_of(shape[1:], dt)
+                                        for name, (shape, dt) in shapes.items()}}
+    return out
 
 
-def _store(phase: Counter, tier: str, nbytes: int, rows_on_cpu: bool) -> None:
-    if not rows_on_cpu:
-        phase["gpu_to_cpu"] += nbytes
+def _arrays(row: dict) -> dict[str, int]:
+    return {name: v for name, v in row.items() if name != "n"}
+
+
+def cache_load(policy: Policy, tier: str, row: dict, past: int) -> Counter:
+    """One layer's load_cache op: the past rows the attention reads (keys only when sparse);
+    in place on the cpu when delegated, through the cpu from disk."""
+    sparse = policy.attn_sparsity < 1.0
+    loaded = sum(v for name, v in _arrays(row).items() if name.startswith("k") or not sparse)
+    moved = Counter()
+    if not policy.cpu_delegation:
+        moved["cpu_to_gpu"] += past * loaded
     if tier == "disk":
-        phase["cpu_to_disk"] += nbytes
+        moved["disk_to_cpu"] += past * loaded
+    return moved
+
+
+def cache_attend(spec: ModelSpec, policy: Policy, row: dict, past: int,
+                 dtype: torch.dtype) -> Counter:
+    """What one layer's decode compute moves for one off-gpu segment: with delegation q and
+    the new k, v rows to the cpu and the output back; sparse without it, the chosen values."""
+    n, item, moved = row["n"], dtype.itemsize, Counter()
+    if policy.cpu_delegation:
+        moved["gpu_to_cpu"] += n * (spec.q_dim + 2 * spec.kv_dim) * item
+        moved["cpu_to_gpu"] += n * spec.q_dim * item
+    elif policy.attn_sparsity < 1.0:  # the chosen value vectors, stored form
+        per_vector = sum(v for name, v in _arrays(row).items() if name.startswith("v"))
+        per_vector //= n * spec.num_kv_heads
+        chosen = int(policy.attn_sparsity * past)
+        moved["cpu_to_gpu"] += n * spec.num_heads * chosen * per_vector
+    return moved
+
+
+def cache_needs_store(policy: Policy, tier: str) -> bool:
+    """Whether a decode step's new row must go home (an uncompressed delegated cpu segment
+    receives it in place during attention)."""
+    return (tier == "disk" or not policy.cpu_delegation or policy.compress_cache
+            or policy.attn_sparsity < 1.0)
+
+
+def cache_store(tier: str, row: dict, positions: int, rows_on_cpu: bool) -> Counter:
+    """One layer's store_cache op for `positions` new rows of one segment."""
+    nbytes, moved = positions * sum(_arrays(row).values()), Counter()
+    if not rows_on_cpu:
+        moved["gpu_to_cpu"] += nbytes
+    if tier == "disk":
+        moved["cpu_to_disk"] += nbytes
+    return moved
+
+
+def activation_rows(spec: ModelSpec, policy: Policy, k: int, dtype: torch.dtype) -> dict:
+    """GPU batch k's off-gpu activation homes: tier -> bytes per token position."""
+    split = split_units(policy.block_size, policy.activations)
+    return {tier: (b - a) * spec.hidden * dtype.itemsize
+            for tier, (a, b) in batch_ranges(split, k, policy.gpu_batch_size).items()
+            if tier != "gpu"}
+
+
+def hidden_move(tier: str, nbytes: int, store: bool) -> Counter:
+    """One store_hidden (gpu -> cpu [-> disk]) or load_hidden ([disk ->] cpu -> gpu) op."""
+    moved = Counter({"gpu_to_cpu" if store else "cpu_to_gpu": nbytes})
+    if tier == "disk":
+        moved["cpu_to_disk" if store else "disk_to_cpu"] += nbytes
+    return moved
 
 
 def _activations(moved, spec, policy, k, prompt_len, gen_len, dtype) -> None:
-    split = split_units(policy.block_size, policy.activations)
-    for tier, (a, b) in batch_ranges(split, k, policy.gpu_batch_size).items():
-        if tier == "gpu":
-            continue
+    for tier, per_token in activation_rows(spec, policy, k, dtype).items():
         for token in range(gen_len):
             phase = moved["prefill" if token == 0 else "decode"]
-            t = prompt_len if token == 0 else 1
-            nbytes = (spec.num_layers + 1) * (b - a) * t * spec.hidden * dtype.itemsize
-            phase["gpu_to_cpu"] += nbytes  # stores after embed and every decoder layer
-            phase["cpu_to_gpu"] += nbytes  # loads before every decoder layer and the head
-            if tier == "disk":
-                phase["cpu_to_disk"] += nbytes
-                phase["disk_to_cpu"] += nbytes
+            nbytes = (prompt_len if token == 0 else 1) * per_token
+            # stores after embed and every decoder layer, loads before every layer and the head
+            for store in (True, False):
+                _add(phase, hidden_move(tier, nbytes, store), spec.num_layers + 1)
+
+
+class OpTraffic:
+    """Bytes per link of each op of a schedule's stream: the engine's counters, op by op.
+
+    A compute op carries what its attention moves itself (delegation's q, rows and output;
+    sparse value gathers). Summed over a run's ops this equals `link_bytes`.
+
+        >>> traffic = OpTraffic(spec, policy, prompt_len=512, gen_len=32, dtype_bytes=2)
+        >>> traffic(Op("load_weight", 1, 3, 0))
+        Counter({'cpu_to_gpu': ..., 'disk_to_cpu': ...})
+    """
+
+    def __init__(self, spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
+                 dtype_bytes: int):
+        dtype = DTYPES[dtype_bytes]
+        self.spec, self.policy, self.prompt_len, self.gen_len = spec, policy, prompt_len, gen_len
+        self.parts = weight_tier_bytes(spec, policy, dtype)
+        self.cache = [cache_rows(spec, policy, k, dtype) for k in range(policy.num_gpu_batches)]
+        self.acts = [activation_rows(spec, policy, k, dtype)
+                     for k in range(policy.num_gpu_batches)]
+        self.dtype, self.head = dtype, spec.num_layers + 1
+
+    def __call__(self, op) -> Counter:
+        return getattr(self, op.kind)(op)
+
+    def load_weight(self, op) -> Counter:
+        tiers = self.parts[op.layer]
+        return Counter({"cpu_to_gpu": tiers["cpu"] + tiers["disk"], "disk_to_cpu": tiers["disk"]})
+
+    def load_cache(self, op) -> Counter:
+        moved = Counter()
+        for tier, row in self.cache[op.batch].items():
+            _add(moved, cache_load(self.policy, tier, row, self.prompt_len + op.token - 1))
+        return moved
+
+    def compute(self, op) -> Counter:
+        moved = Counter()
+        if op.token > 0 and 0 < op.layer < self.head:
+            for row in self.cache[op.batch].values():
+                _add(moved, cache_attend(self.spec, self.policy, row,
+                                         self.prompt_len + op.token - 1, self.dtype))
+        return moved
+
+    def store_cache(self, op) -> Counter:
+        moved, first = Counter(), op.token == 0
+        for tier, row in self.cache[op.batch].items():
+            if first or cache_needs_store(self.policy, tier):
+                positions = self.prompt_len if first else 1
+                on_cpu = self.policy.cpu_delegation and not first
+                _add(moved, cache_store(tier, row, positions, on_cpu))
+        return moved
+
+    def _hidden(self, op, store: bool) -> Counter:
+        moved, tokens = Counter(), self.prompt_len if op.token == 0 else 1
+        for tier, per_token in self.acts[op.batch].items():
+            _add(moved, hidden_move(tier, tokens * per_token, store))
+        return moved
+
+    def load_hidden(self, op) -> Counter:
+        return self._hidden(op, store=False)
+
+    def store_hidden(self, op) -> Counter:
+        return self._hidden(op, store=True)

@@ -1,4 +1,4 @@
-"""The cost model's bytes per link equal the engine's own counters, policy by policy."""
+"""The cost model's and the simulator's bytes per link equal the engine's own counters."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
 from flexgen_lab.planner.traffic import link_bytes
+from flexgen_lab.sim.simulator import simulate
 from flexgen_lab.workload import synthetic_prompts
 from tests.engine.test_offload import CASES, PLACES
+from tests.planner.test_cost_model import profile
 
 S, N, B = 10, 5, 3
+DEV = profile("t4-paper")
 
 EXTRA = [  # compression and sparsity, beside the pairwise grid
     dict(weights="mix", cache="mix", compress_weight=True, compress_cache=True),
@@ -39,6 +42,8 @@ def test_predicted_bytes_equal_counted_bytes(model, case, tmp_path):
     with Engine(spec, DummyWeights(spec, 0), policy, schedule, offload_dir=tmp_path) as engine:
         counted = engine.generate(ids, mask, N).link_bytes
     assert link_bytes(spec, policy, schedule, S, N, 4, num_blocks=2) == counted
+    simulated = simulate(spec, policy, schedule, DEV, S, N, 4, 2 * policy.block_size)
+    assert simulated.link_bytes == counted  # op by op, summed
 
 
 def test_a_different_policy_predicts_different_bytes():

@@ -1,0 +1,1 @@
+"""The discrete-event simulator: an op stream timed on a hardware profile."""

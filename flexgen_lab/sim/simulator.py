@@ -1,0 +1,217 @@
+"""Discrete-event simulation of the engine: the exact op stream of engine/schedule.py, timed on
+a hardware profile instead of executed (backend=simulated). No weight is allocated, so
+opt-175b on the paper's T4 simulates in seconds.
+
+What it honours, as the engine does (engine/engine.py):
+- one main thread issues the ops in stream order and runs each compute op to its end; with
+  overlap every load and store goes to a pool of IO_THREADS workers, taken in issue order, a
+  worker held from the moment it picks the op (waiting on dependencies included) to its end;
+- a compute waits for its weights, its hidden input and its cache; a load of cache or hidden
+  waits for the store that wrote them; stores run one after the other; without overlap each op
+  runs inline, in stream order;
+- each link is a FIFO queue (one copy at a time at the profile's bandwidth): an op crosses its
+  links in order (disk -> cpu -> gpu for loads, gpu -> cpu -> disk for stores);
+- the phase clocks are the engine's: a token step starts when the main thread reaches its
+  first compute, and the run ends when the last store is done.
+Durations come from the cost model's own terms (link_rate, step_seconds), bytes from
+planner.traffic.OpTraffic (equal to the engine's counters), so the three cannot drift apart.
+
+    >>> sim = simulate(spec, policy, "zigzag", profile, prompt_len=512, gen_len=32)
+    >>> sim.generation_throughput, sim.link_bytes["decode"]["cpu_to_gpu"]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from flexgen_lab.engine import schedule
+from flexgen_lab.engine.placement import batch_ranges, split_units
+from flexgen_lab.engine.policy import Policy
+from flexgen_lab.engine.schedule import Op
+from flexgen_lab.engine.transfer import IO_THREADS, LINKS, phase_of
+from flexgen_lab.hardware.profile import HardwareProfile
+from flexgen_lab.models.spec import ModelSpec
+from flexgen_lab.planner.cost_model import link_rate, step_seconds
+from flexgen_lab.planner.traffic import OpTraffic
+
+LOAD_ORDER = ("disk_to_cpu", "cpu_to_gpu")
+STORE_ORDER = ("gpu_to_cpu", "cpu_to_disk")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one op takes: seconds on each link it crosses (in order), compute seconds (main
+    thread), and the bytes it moves per link."""
+
+    links: tuple[tuple[str, float], ...] = ()
+    compute_s: float = 0.0
+    moved: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Simulation:
+    prefill_s: float
+    decode_s: float
+    num_prompts: int
+    gen_len: int
+    link_bytes: dict[str, dict[str, int]]  # phase -> link -> bytes
+    trace: list[dict]  # the engine's op records: op, token, layer, batch, bytes, start_s, end_s
+
+    @property
+    def generation_throughput(self) -> float:
+        return self.num_prompts * self.gen_len / (self.prefill_s + self.decode_s)
+
+
+class _Clock:
+    """State of one block's simulation: the main thread, the I/O workers, the link queues."""
+
+    def __init__(self, overlap: bool, start: float):
+        self.overlap, self.now = overlap, start
+        self.workers = [start] * IO_THREADS
+        self.link_free = dict.fromkeys(LINKS, start)
+        self.done: dict[tuple, float] = {}  # buffer key -> end of the op that fills/frees it
+        self.last_store = start
+        self.stores_end = start
+
+    def io(self, key: tuple, deps: list[tuple], cost: Cost, store: bool) -> tuple[float, float]:
+        """An I/O op issued now; returns (start, end). Moving nothing, it ends when issued."""
+        if not cost.links:
+            return self.now, self.now
+        ready = max([self.now, *(self.done.get(d, self.now) for d in deps)])
+        if store:
+            ready = max(ready, self.last_store)
+        worker = 0
+        if self.overlap:
+            worker = min(range(IO_THREADS), key=self.workers.__getitem__)
+            ready = max(ready, self.workers[worker])
+        start, t = None, ready
+        for link, seconds in cost.links:
+            t = max(t, self.link_free[link]) if self.overlap else t
+            start = t if start is None else start  # when its first byte moves
+            t += seconds
+            self.link_free[link] = t
+        self.done[key] = t
+        if self.overlap:
+            self.workers[worker] = t
+        else:
+            self.now = t
+        if store:
+            self.last_store = self.stores_end = t
+        return start, t
+
+    def compute(self, deps: list[tuple], cost: Cost) -> tuple[float, float]:
+        start = max([self.now, *(self.done.get(d, self.now) for d in deps)])
+        self.now = start + cost.compute_s
+        return start, self.now
+
+
+def run_stream(ops: Iterable[Op], cost_of: Callable[[Op], Cost], overlap: bool,
+               start: float = 0.0) -> tuple[list[float], float, list[dict]]:
+    """Time one block's op stream from `start`. Returns ([prefill, decode] seconds by the
+    engine's clocks: each token step from its first compute to the next step's, the last to
+    the end of the last store), the end time, and the op records."""
+    clock, records = _Clock(overlap, start), []
+    phase, token, mark = [0.0, 0.0], 0, start
+    for op in ops:
+        cost = cost_of(op)
+        if op.kind == "compute":
+            if op.token != token:
+                phase[token > 0] += clock.now - mark
+                token, mark = op.token, clock.now
+            deps = [("weight", op.token, op.layer)]
+            if op.layer > 0:
+                deps.append(("hidden", op.batch))
+            if op.token > 0:
+                deps.append(("cache", op.layer, op.batch))
+            begin, end = clock.compute(deps, cost)
+        else:
+            key, deps, store = _buffer(op)
+            begin, end = clock.io(key, deps, cost, store)
+            if not cost.links:
+                continue  # the engine submits nothing for an op that moves nothing
+        records.append({"op": op.kind, "token": op.token, "layer": op.layer,
+                        "batch": op.batch, "bytes": {k: v for k, v in cost.moved.items() if v},
+                        "start_s": begin, "end_s": end})
+    end = max(clock.now, clock.stores_end)
+    phase[token > 0] += end - mark
+    return phase, end, records
+
+
+def _buffer(op: Op) -> tuple[tuple, list[tuple], bool]:
+    """(the buffer an I/O op fills, the ops it waits for, whether it is a store)."""
+    if op.kind == "load_weight":
+        return ("weight", op.token, op.layer), [], False
+    if op.kind == "load_cache":
+        return ("cache", op.layer, op.batch), [("cache_store", op.layer, op.batch)], False
+    if op.kind == "load_hidden":
+        return ("hidden", op.batch), [("hidden_store", op.batch)], False
+    if op.kind == "store_cache":
+        return ("cache_store", op.layer, op.batch), [("cache_store", op.layer, op.batch)], True
+    if op.kind == "store_hidden":
+        return ("hidden_store", op.batch), [("hidden_store", op.batch)], True
+    raise ValueError(f"op kind {op.kind!r}; allowed: {schedule.OP_KINDS}")
+
+
+class OpCosts:
+    """Cost of each op of a run: bytes from OpTraffic, seconds from the cost model's terms."""
+
+    def __init__(self, spec: ModelSpec, policy: Policy, profile: HardwareProfile,
+                 prompt_len: int, gen_len: int, dtype_bytes: int):
+        self.spec, self.policy, self.profile = spec, policy, profile
+        self.prompt_len, self.dtype_bytes = prompt_len, dtype_bytes
+        self.traffic = OpTraffic(spec, policy, prompt_len, gen_len, dtype_bytes)
+        split = split_units(policy.block_size, policy.cache)
+        self.cpu_rows = [sum(b - a for tier, (a, b) in
+                             batch_ranges(split, k, policy.gpu_batch_size).items()
+                             if tier != "gpu") if policy.cpu_delegation else 0
+                         for k in range(policy.num_gpu_batches)]
+        self._memo: dict[tuple, Cost] = {}
+
+    def __call__(self, op: Op) -> Cost:
+        part = ("embed" if op.layer == 0 else "head" if op.layer == self.spec.num_layers + 1
+                else "layer")
+        # identical ops cost the same: decoder layers and, for loads/stores, most tokens
+        key = (op.kind, part, op.token, op.batch)
+        if key not in self._memo:
+            self._memo[key] = self._cost(op, part)
+        return self._memo[key]
+
+    def _cost(self, op: Op, part: str) -> Cost:
+        moved = self.traffic(op)
+        phase = phase_of(op.token)
+        if op.kind != "compute":
+            order = STORE_ORDER if op.kind.startswith("store") else LOAD_ORDER
+            links = tuple((link, moved[link] / link_rate(self.profile, link, phase))
+                          for link in order if moved[link])
+            return Cost(links=links, moved=dict(moved))
+        tokens = self.prompt_len if op.token == 0 else 1
+        keys = self.prompt_len + op.token
+        cpu_rows = self.cpu_rows[op.batch] if op.token > 0 else 0
+        terms = step_seconds(self.spec, self.policy, self.profile, part,
+                             self.policy.gpu_batch_size, tokens, keys, cpu_rows, phase,
+                             self.dtype_bytes)
+        # delegated q/rows/output and sparse gathers: timed at link speed, inside the step
+        transfers = sum(n / link_rate(self.profile, link, phase) for link, n in moved.items())
+        return Cost(compute_s=sum(terms.values()) + transfers, moved=dict(moved))
+
+
+def simulate(spec: ModelSpec, policy: Policy, schedule_name: str, profile: HardwareProfile,
+             prompt_len: int, gen_len: int, dtype_bytes: int = 2,
+             num_prompts: int | None = None) -> Simulation:
+    """Simulate generating num_prompts prompts (one block by default), block after block."""
+    profile.require_speeds()
+    num_prompts = num_prompts or policy.block_size
+    costs = OpCosts(spec, policy, profile, prompt_len, gen_len, dtype_bytes)
+    phases, moved, trace, start = [0.0, 0.0], {p: dict.fromkeys(LINKS, 0)
+                                               for p in ("prefill", "decode")}, [], 0.0
+    for _ in range(num_prompts // policy.block_size):
+        stream = schedule.ops(schedule_name, gen_len, spec.num_layers + 2,
+                              policy.num_gpu_batches)
+        phase, start, records = run_stream(stream, costs, policy.overlap, start)
+        phases = [phases[0] + phase[0], phases[1] + phase[1]]
+        trace.extend(records)
+        for record in records:
+            for link, n in record["bytes"].items():
+                moved[phase_of(record["token"])][link] += n
+    return Simulation(phases[0], phases[1], num_prompts, gen_len, moved, trace)

@@ -1,0 +1,102 @@
+"""The simulator: exact timing of hand-built op streams, and agreement with the cost model."""
+
+from __future__ import annotations
+
+import pytest
+
+from flexgen_lab.engine.policy import Placement, Policy
+from flexgen_lab.engine.schedule import Op
+from flexgen_lab.models.spec import ModelSpec
+from flexgen_lab.planner.cost_model import predict
+from flexgen_lab.sim.simulator import Cost, run_stream, simulate
+from tests.planner.test_cost_model import profile
+
+MIX = Placement(0.3, 0.4)
+
+
+def costs(table: dict) -> callable:
+    """cost_of for a hand-built stream: (kind, layer) -> Cost."""
+    return lambda op: table[(op.kind, op.layer)]
+
+
+def test_a_hand_built_stream_overlaps_exactly_as_its_dependencies_allow():
+    # two layers, one batch, one token: the second layer's weights queue behind the first's
+    # on the cpu->gpu link, its hidden input waits for the store that writes it, and then
+    # queues on the same link behind those weights
+    ops = [Op("load_weight", 0, 0, 0), Op("load_weight", 0, 1, 0), Op("compute", 0, 0, 0),
+           Op("store_hidden", 0, 0, 0), Op("load_hidden", 0, 1, 0), Op("compute", 0, 1, 0)]
+    table = {("load_weight", 0): Cost(links=(("cpu_to_gpu", 1.0),)),
+             ("load_weight", 1): Cost(links=(("cpu_to_gpu", 3.0),)),
+             ("compute", 0): Cost(compute_s=2.0),
+             ("store_hidden", 0): Cost(links=(("gpu_to_cpu", 0.5),)),
+             ("load_hidden", 1): Cost(links=(("cpu_to_gpu", 0.25),)),
+             ("compute", 1): Cost(compute_s=1.0)}
+    phase, end, records = run_stream(ops, costs(table), overlap=True)
+    # w0 0-1, w1 1-4, compute0 1-3, store 3-3.5, load_hidden 4-4.25, compute1 4.25-5.25
+    assert end == pytest.approx(5.25) and phase == pytest.approx([5.25, 0.0])
+    parts = [c.compute_s + sum(s for _, s in c.links) for c in table.values()]
+    assert end not in (pytest.approx(sum(parts)), pytest.approx(max(parts)))
+    assert [(r["op"], r["start_s"], r["end_s"]) for r in records][-2:] == [
+        ("load_hidden", 4.0, 4.25), ("compute", 4.25, 5.25)]
+    phase, end, _ = run_stream(ops, costs(table), overlap=False)
+    assert end == pytest.approx(sum(parts))  # no overlap: one op after the other
+
+
+def test_two_io_workers_bound_the_loads_in_flight():
+    # three loads on three different links, issued together: the engine's pool has two
+    # threads, so the third starts when the first ends
+    ops = [Op("load_weight", 0, 1, 0), Op("load_cache", 1, 1, 0), Op("load_hidden", 1, 1, 0),
+           Op("compute", 1, 1, 0)]
+    table = {("load_weight", 1): Cost(links=(("disk_to_cpu", 1.0),)),
+             ("load_cache", 1): Cost(links=(("cpu_to_gpu", 2.0),)),
+             ("load_hidden", 1): Cost(links=(("gpu_to_cpu", 2.0),)),
+             ("compute", 1): Cost(compute_s=0.5)}
+    _, end, _ = run_stream(ops, costs(table), overlap=True)
+    assert end == pytest.approx(3.5)  # not 2.5: the hidden load waits for a free worker
+
+
+POLICIES = [
+    (Policy(gpu_batch_size=4, num_gpu_batches=3, weights=MIX, cache=Placement(0.2, 0.5),
+            activations=Placement(0.3, 0.3)), "zigzag"),
+    (Policy(gpu_batch_size=4, num_gpu_batches=3, weights=MIX, cache=Placement(0.2, 0.5),
+            activations=Placement(0.3, 0.3)), "row_by_row"),
+    (Policy(gpu_batch_size=8, num_gpu_batches=2, weights=Placement(0, 0.5), cache=MIX,
+            cpu_delegation=True, compress_weight=True, compress_cache=True), "zigzag"),
+    (Policy(gpu_batch_size=8, weights=Placement(0.5, 0.5), attn_sparsity=0.5,
+            cache=Placement(0, 1)), "zigzag"),
+]
+
+
+@pytest.mark.parametrize("policy,schedule", POLICIES)
+def test_without_overlap_the_simulation_is_the_cost_models_sum(policy, schedule):
+    import dataclasses
+
+    spec, hw = ModelSpec.from_name("opt-1.3b"), profile("t4-paper")
+    serial = dataclasses.replace(policy, overlap=False)
+    sim = simulate(spec, serial, schedule, hw, 64, 6, 2, 2 * policy.block_size)
+    pred = predict(spec, serial, schedule, hw, 64, 6, 2, 2 * policy.block_size)
+    assert sim.prefill_s + sim.decode_s == pytest.approx(pred.prefill_s + pred.decode_s,
+                                                          rel=1e-9)
+
+
+@pytest.mark.parametrize("policy,schedule", POLICIES[:2])
+def test_with_overlap_it_lies_between_the_busiest_resource_and_the_sum(policy, schedule):
+    spec, hw = ModelSpec.from_name("opt-1.3b"), profile("t4-paper")
+    sim = simulate(spec, policy, schedule, hw, 64, 6)
+    pred = predict(spec, policy, schedule, hw, 64, 6)  # phase by phase: the busiest resource
+    serial = predict(spec, policy.__class__(**{**policy.__dict__, "overlap": False}),
+                     schedule, hw, 64, 6)
+    total = sim.prefill_s + sim.decode_s
+    assert pred.prefill_s + pred.decode_s < total < serial.prefill_s + serial.decode_s
+
+
+def test_opt_175b_on_the_papers_t4_simulates_without_weights():
+    spec, hw = ModelSpec.from_name("opt-175b"), profile("t4-paper")
+    policy = Policy(gpu_batch_size=32, num_gpu_batches=8, weights=Placement(0, 0.5),
+                    cache=Placement(0, 0), activations=Placement(0, 1), cpu_delegation=True)
+    sim = simulate(spec, policy, "zigzag", hw, 512, 32)
+    # every decode step streams the disk half of 350 GB of weights through the cpu
+    assert sim.link_bytes["decode"]["disk_to_cpu"] > 31 * 0.5 * spec.weight_bytes(2)
+    assert 0.05 < sim.generation_throughput < 5
+    assert {r["op"] for r in sim.trace} == {"load_weight", "load_cache", "load_hidden",
+                                            "compute", "store_cache", "store_hidden"}
