@@ -1,19 +1,26 @@
-"""Measured vs predicted: the cost model (on this machine's calibrated profile) against the
-engine, for policies the calibration never saw.
+"""Measured vs predicted: the cost model and the simulator against the engine on this machine,
+for policies the fit never saw.
 
-    python -m benchmarks.validate_cost_model            # calibrate, then 13 policies
+    python -m benchmarks.validate_cost_model            # about 10 minutes on 2 cores
 
-Each policy: one warm-up and 3 measured generations (median); prediction from
-planner.cost_model.predict on the profile `calibrate` measures first. Prints per policy the
-measured and predicted generation throughput and the relative error, then the median and
-largest absolute error (target: median <= 15 %, max <= 35 %) and the zig-zag / row-by-row
-throughput ratio measured vs predicted (target within 15 %).
+1. calibrate: micro-benchmarks of this machine -> the "calibrated" profile;
+2. measure 12 training policies and fit the profile to them (planner/fit.py: least squares
+   on phase times) -> the "fitted" profile;
+3. measure 13 validation policies (tiers, both schedules, batch sizes, delegation,
+   compression, overlap off) and print measured throughput beside the cost model's and the
+   simulator's predictions on both profiles, the median and largest absolute error (target:
+   median <= 15 %, max <= 35 %) and the zig-zag / row-by-row throughput ratio (target: within
+   15 % of the prediction).
+Every run: one warm-up, then 3 generations; each phase's time is the median of the three.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import statistics
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -24,12 +31,34 @@ from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
 from flexgen_lab.planner.cost_model import predict
+from flexgen_lab.planner.fit import Observation, fit
 from flexgen_lab.runner import compute_device, device_name
+from flexgen_lab.sim.simulator import simulate
 from flexgen_lab.workload import synthetic_prompts
 
 OFFLOAD = tempfile.gettempdir() + "/flexgen_lab_validate"
-CPU, DISK, MIX = Placement(0, 1), Placement(0, 0), Placement(0.3, 0.4)
-POLICIES = {  # name -> (policy, schedule)
+MODEL, PROMPT_LEN, GEN_LEN = "opt-125m", 64, 16
+GPU, CPU, DISK, MIX = Placement(1, 0), Placement(0, 1), Placement(0, 0), Placement(0.3, 0.4)
+HALF = Placement(0.5, 0.5)
+TRAIN = {  # name -> (policy, schedule): what the fit sees
+    "resident b1": (Policy(gpu_batch_size=1), "zigzag"),
+    "resident b8": (Policy(gpu_batch_size=8), "zigzag"),
+    "resident 2x2 row": (Policy(gpu_batch_size=2, num_gpu_batches=2), "row_by_row"),
+    "weights cpu 4": (Policy(gpu_batch_size=4, weights=CPU), "zigzag"),
+    "weights disk 4x2": (Policy(gpu_batch_size=4, num_gpu_batches=2, weights=DISK), "zigzag"),
+    "weights cpu 16 no overlap": (Policy(gpu_batch_size=16, weights=CPU, overlap=False),
+                                  "zigzag"),
+    "cache cpu 4x2 row": (Policy(gpu_batch_size=4, num_gpu_batches=2, cache=CPU),
+                          "row_by_row"),
+    "cache disk 8": (Policy(gpu_batch_size=8, cache=DISK), "zigzag"),
+    "cache cpu deleg 16": (Policy(gpu_batch_size=16, cache=CPU, cpu_delegation=True), "zigzag"),
+    "acts disk 8": (Policy(gpu_batch_size=8, activations=DISK), "zigzag"),
+    "compressed both half 8": (Policy(gpu_batch_size=8, weights=HALF, cache=HALF,
+                                      compress_weight=True, compress_cache=True), "zigzag"),
+    "mix deleg 8 no overlap": (Policy(gpu_batch_size=8, weights=MIX, cache=MIX,
+                                      cpu_delegation=True, overlap=False), "zigzag"),
+}
+VALIDATE = {  # name -> (policy, schedule): never fitted on
     "resident b4": (Policy(gpu_batch_size=4), "zigzag"),
     "resident b16": (Policy(gpu_batch_size=16), "zigzag"),
     "weights cpu 8x2": (Policy(gpu_batch_size=8, num_gpu_batches=2, weights=CPU), "zigzag"),
@@ -50,39 +79,84 @@ POLICIES = {  # name -> (policy, schedule)
 }
 
 
-def measured(spec, policy, schedule, prompt_len, gen_len, repeats=3) -> float:
-    ids, mask = synthetic_prompts(spec, policy.block_size, prompt_len, seed=0)
+def measure(spec, policy, schedule, repeats=3) -> Observation:
+    ids, mask = synthetic_prompts(spec, policy.block_size, PROMPT_LEN, seed=0)
     with Engine(spec, DummyWeights(spec, 0), policy, schedule, compute_device(),
                 offload_dir=OFFLOAD) as engine:
-        engine.generate(ids, mask, gen_len)  # warm-up
-        rates = []
-        for _ in range(repeats):
-            gen = engine.generate(ids, mask, gen_len)
-            rates.append(policy.block_size * gen_len / (gen.prefill_s + gen.decode_s))
-    return statistics.median(rates)
+        engine.generate(ids, mask, GEN_LEN)  # warm-up
+        runs = [engine.generate(ids, mask, GEN_LEN) for _ in range(repeats)]
+    return Observation(spec, policy, schedule, PROMPT_LEN, GEN_LEN, policy.block_size, 4,
+                       statistics.median(g.prefill_s for g in runs),
+                       statistics.median(g.decode_s for g in runs))
+
+
+def predictions(obs: Observation, profile: HardwareProfile) -> tuple[float, float]:
+    """(cost model, simulator) generation throughput."""
+    args = (obs.spec, obs.policy, obs.schedule, profile, obs.prompt_len, obs.gen_len,
+            obs.dtype_bytes, obs.num_prompts)
+    return predict(*args).generation_throughput, simulate(*args).generation_throughput
+
+
+def summary(label: str, errors: list[float]) -> str:
+    absolute = [abs(e) for e in errors]
+    return (f"{label:34s} median |error| {100 * statistics.median(absolute):5.1f} % "
+            f"(target <= 15 %), max {100 * max(absolute):5.1f} % (target <= 35 %)")
+
+
+def save(profile: HardwareProfile, train: list, validation: list) -> None:
+    """The calibrated profile and every measured phase time, for refitting without rerunning."""
+    def rows(observations):
+        return [{"policy": dataclasses.asdict(o.policy), "schedule": o.schedule,
+                 "prefill_s": o.prefill_s, "decode_s": o.decode_s} for o in observations]
+
+    path = Path(OFFLOAD) / "validate_cost_model.json"
+    path.write_text(json.dumps({"profile": dataclasses.asdict(profile), "model": MODEL,
+                                "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN,
+                                "train": rows(train), "validate": rows(validation)}, indent=1))
+    print(f"measurements saved to {path}")
 
 
 def main() -> None:
-    spec, prompt_len, gen_len = ModelSpec.from_name("opt-125m"), 64, 8
+    spec = ModelSpec.from_name(MODEL)
     speeds = calibrate.measure(False, OFFLOAD, torch.float32)
-    caps = calibrate.default_capacities(OFFLOAD)
-    profile = HardwareProfile(name="calibrated", source="this run", cpu_correction=(0, 0, 0),
-                              safety_factor=0.8, **caps, **speeds)
-    print(f"# measured on {device_name(compute_device())}; opt-125m fp32, prompt {prompt_len}, "
-          f"{gen_len} new tokens; profile calibrated just before (same process)")
-    errors, rates = [], {}
-    for name, (policy, schedule) in POLICIES.items():
-        real = measured(spec, policy, schedule, prompt_len, gen_len)
-        guess = predict(spec, policy, schedule, profile, prompt_len, gen_len,
-                        4).generation_throughput
-        rates[name] = (real, guess)
-        errors.append(abs(guess - real) / real)
-        print(f"{name:26s} measured {real:8.2f} token/s  predicted {guess:8.2f}  "
-              f"error {100 * (guess - real) / real:+6.1f} %", flush=True)
-    print(f"median |error| {100 * statistics.median(errors):.1f} % (target <= 15 %), max "
-          f"{100 * max(errors):.1f} % (target <= 35 %)")
+    calibrated = HardwareProfile(name="calibrated", source="this run", cpu_correction=(0, 0, 0),
+                                 safety_factor=0.8, **calibrate.default_capacities(OFFLOAD),
+                                 **speeds)
+    print(f"# measured on {device_name(compute_device())}, {torch.get_num_threads()} threads; "
+          f"{MODEL} fp32, prompt {PROMPT_LEN}, {GEN_LEN} new tokens; every prediction is "
+          "simulated/modelled, every 'measured' is the engine run here", flush=True)
+    train = [measure(spec, p, s) for p, s in TRAIN.values()]
+    for name, obs in zip(TRAIN, train, strict=True):
+        print(f"  train {name:26s} prefill {obs.prefill_s:.4f} s, decode {obs.decode_s:.4f} s "
+              f"(measured)")
+    fitted, report = fit(calibrated, train)
+    print("fit on", len(train), "training runs: factors",
+          {k: round(v, 3) for k, v in report.factors.items()},
+          f"step overhead {1e3 * report.step_overhead_s:.3f} ms; training median |error| "
+          f"{100 * report.median_error:.1f} %", flush=True)
+    print(f"{'policy':26s} {'measured':>9s} | {'calibrated: model':>17s} {'sim':>7s} | "
+          f"{'fitted: model':>13s} {'err':>7s} {'sim':>7s} {'err':>7s}   (token/s)")
+    errors = {"calibrated model": [], "calibrated sim": [], "fitted model": [],
+              "fitted sim": []}
+    rates, validation = {}, []
+    for name, (policy, schedule) in VALIDATE.items():
+        obs = measure(spec, policy, schedule)
+        validation.append(obs)
+        raw_model, raw_sim = predictions(obs, calibrated)
+        model, sim = predictions(obs, fitted)
+        real = obs.throughput
+        rates[name] = (real, model, sim)
+        for key, guess in zip(errors, (raw_model, raw_sim, model, sim), strict=True):
+            errors[key].append((guess - real) / real)
+        print(f"{name:26s} {real:9.2f} | {raw_model:17.2f} {raw_sim:7.2f} | {model:13.2f} "
+              f"{100 * (model - real) / real:+6.1f}% {sim:7.2f} {100 * (sim - real) / real:+6.1f}%",
+              flush=True)
+    for key, values in errors.items():
+        print(summary(key, values))
+    save(calibrated, train, validation)
     zz, rr = rates["weights cpu 8x2"], rates["weights cpu 8x2 row"]
-    print(f"zig-zag / row-by-row: measured {zz[0] / rr[0]:.2f}, predicted {zz[1] / rr[1]:.2f}")
+    print(f"zig-zag / row-by-row throughput: measured {zz[0] / rr[0]:.2f}, cost model "
+          f"{zz[1] / rr[1]:.2f}, simulator {zz[2] / rr[2]:.2f} (fitted profile)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
     python -m flexgen_lab table [store.path=FILE] [limit=N]    # recent runs
     python -m flexgen_lab search model=opt-30b hardware=t4-paper workload=paper-512
     python -m flexgen_lab calibrate [name=calibrated] [quick=true]    # writes a profile
+    python -m flexgen_lab calibrate fit=true name=calibrated   # refines it from stored runs
 
 Hydra reads conf/ at the repository's top level (found from this file, so any working
 directory works for source and editable installs); `--config-dir DIR` adds another directory
@@ -193,24 +194,109 @@ def _options(command: str, args: list[str], options: dict[str, str]) -> dict[str
 
 
 def calibrate_command(args: list[str]) -> None:
-    """Measure this machine: calibrate [name=calibrated] [quick=false] [offload_dir=DIR]."""
+    """Measure this machine: calibrate [name=calibrated] [quick=false] [offload_dir=DIR];
+    or refine a profile from stored runs: calibrate fit=true name=NAME [store.path=FILE]
+    [holdout=0.25] [out=NAME-fitted]."""
+    options = _options("calibrate", args, {
+        "name": "calibrated", "quick": "false", "offload_dir": "results/offload",
+        "fit": "false", "store.path": "results/flexgen_lab.sqlite", "holdout": "0.25",
+        "out": ""})
+    for key in ("quick", "fit"):
+        if options[key] not in ("true", "false"):
+            _fail(f"calibrate: {key}={options[key]!r}; allowed: true, false", 2)
+    if options["fit"] == "true":
+        fit_command(options)
+        return
     import torch
 
     from flexgen_lab.hardware import calibrate
 
-    options = _options("calibrate", args, {"name": "calibrated", "quick": "false",
-                                           "offload_dir": "results/offload"})
-    if options["quick"] not in ("true", "false"):
-        _fail(f"calibrate: quick={options['quick']!r}; allowed: true, false", 2)
     quick = options["quick"] == "true"
     dtype = torch.float16 if torch.cuda.is_available() else torch.float32
     speeds = calibrate.measure(quick, options["offload_dir"], dtype)
     capacities = calibrate.default_capacities(options["offload_dir"])
-    path = calibrate.write_profile(options["name"], speeds, capacities, quick)
+    path = calibrate.write_profile(options["name"], speeds, capacities,
+                                   calibrate.measured_source(quick))
     for key, value in speeds.items():
         unit = "FLOP/s" if "flops" in key else "B/s"
         print(f"  {key:32s} {value:12.4g} {unit} (measured)")
     print(f"wrote {path}; use it with hardware={options['name']}")
+
+
+def compose_run_config(overrides: list[str]):
+    """The RunConfig `run OVERRIDES` would get (conf/ and calibrated profiles), validated."""
+    from hydra import compose, initialize_config_dir
+
+    from flexgen_lab.config import register_configs
+
+    _ensure_user_config_dir()
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_run_config(compose(config_name="config", overrides=overrides))
+
+
+def load_profile(name: str):
+    """The hardware profile `name` as `run hardware=NAME` would see it."""
+    from flexgen_lab.hardware.profile import HardwareProfile
+
+    return HardwareProfile.from_config(compose_run_config([f"hardware={name}"]).hardware)
+
+
+def fit_command(options: dict[str, str]) -> None:
+    """Least squares on the stored runs of hardware=NAME; report on held-out runs; write."""
+    import statistics
+    from pathlib import Path
+
+    from hydra.errors import HydraException
+
+    from flexgen_lab.config import ConfigError
+    from flexgen_lab.hardware import calibrate
+    from flexgen_lab.hardware.profile import OPTIONAL_SPEEDS, SPEED_FIELDS
+    from flexgen_lab.planner import fit
+    from flexgen_lab.results.store import ResultStore
+
+    name, out = options["name"], options["out"] or f"{options['name']}-fitted"
+    try:
+        holdout = float(options["holdout"])
+        base = load_profile(name)
+        base.require_speeds()
+        if not 0 < holdout < 1:
+            raise ValueError
+    except ValueError:
+        _fail(f"calibrate: holdout={options['holdout']!r}; allowed: a fraction in (0, 1)", 2)
+    except (ConfigError, HydraException) as err:
+        _fail(f"calibrate fit=true: {err}", 2)
+    if not Path(options["store.path"]).exists():
+        _fail(f"calibrate fit=true: no results store at {options['store.path']}", 2)
+    rows = ResultStore(options["store.path"]).runs(
+        "status = 'ok' AND backend = 'measured' AND system = 'flexgen_lab' AND hardware = ?",
+        [name])
+    observations = [fit.observation_from_row(row) for row in rows.to_dict("records")]
+    if len(observations) < 4:
+        _fail(f"calibrate fit=true: {len(observations)} ok measured runs with hardware={name} "
+              f"in {options['store.path']}; the fit needs at least 4 (some are held out)", 2)
+    train, held = fit.split(observations, holdout)
+    fitted, report = fit.fit(base, train)
+    held_errors = fit.errors(fitted, held)
+    print(f"fitted on {len(train)} runs of hardware={name}: step overhead "
+          f"{1e3 * report.step_overhead_s:.3f} ms, speed factors "
+          + ", ".join(f"{k} x{v:.3g}" for k, v in report.factors.items()))
+    print(f"  on those runs:   median |error| {100 * report.median_error:.1f} %")
+    for obs, error in zip(held, held_errors, strict=True):
+        print(f"  held out run {obs.run_id}: measured {obs.throughput:.3f} token/s, "
+              f"predicted {obs.throughput * (1 + error):.3f} ({100 * error:+.1f} %)")
+    median = statistics.median(abs(e) for e in held_errors)
+    print(f"  on {len(held)} held-out runs: median |error| {100 * median:.1f} %, max "
+          f"{100 * max(abs(e) for e in held_errors):.1f} %")
+    speeds = {key: getattr(fitted, key) for key in (*SPEED_FIELDS, *OPTIONAL_SPEEDS)
+              if getattr(fitted, key)}
+    source = (f"fit of hardware={name} on {len(train)} runs in {options['store.path']} "
+              f"(held-out median error {100 * median:.1f} % on {len(held)} runs)")
+    capacities = {k: getattr(base, k) for k in ("gpu_mem", "cpu_mem", "disk_mem")}
+    path = calibrate.write_profile(out, speeds, capacities, source, settings={
+        "cpu_correction": list(base.cpu_correction), "safety_factor": base.safety_factor,
+        "step_overhead_s": fitted.step_overhead_s})
+    print(f"wrote {path}; use it with hardware={out}")
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ class Engine:
         self.score_scale = families.score_scale(spec)
         self.callbacks = callbacks or Callbacks()
         self.tiers = tiers or Tiers(UNLIMITED, UNLIMITED, UNLIMITED, device, policy.pin_memory)
-        self.offload_dir = Path(offload_dir or Path(tempfile.gettempdir()) / "flexgen_lab")
+        self.offload_dir = Path(offload_dir or Path(tempfile.gettempdir()) / "flexgen_lab_offload")
         self.disk_io = disk_io
         self._scratch: DiskDir | None = None
         self._weight_cache: WeightCache | None = None

@@ -14,6 +14,7 @@ a few repeats after a warm-up. The profile goes to $FLEXGEN_LAB_CONFIG_DIR/hardw
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -144,17 +145,24 @@ def default_capacities(offload_dir: str | Path) -> dict[str, int]:
 
 
 def write_profile(name: str, speeds: dict[str, float], capacities: dict[str, int],
-                  quick: bool, directory: Path | None = None) -> Path:
-    """hardware/<name>.yaml under the user config directory (or `directory`)."""
+                  source: str, directory: Path | None = None,
+                  settings: dict | None = None) -> Path:
+    """hardware/<name>.yaml under the user config directory (or `directory`); settings are
+    the profile's non-speed fields (cpu_correction, safety_factor, step_overhead_s)."""
     target = (directory or user_config_dir()) / "hardware" / f"{name}.yaml"
     target.parent.mkdir(parents=True, exist_ok=True)
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    settings = {"cpu_correction": [0.0, 0.0, 0.0], "safety_factor": 0.8, **(settings or {})}
     lines = [f"# python -m flexgen_lab run hardware={name}   (written by calibrate)",
              f"name: {name}",
              *[f"{key}: {value}" for key, value in capacities.items()],
-             f'source: "calibrate on {socket.gethostname()}, {when}'
-             f'{", quick" if quick else ""}; torch {torch.__version__}"',
+             f"source: {json.dumps(source)}",
              *[f"{key}: {value:.6g}" for key, value in speeds.items()],
-             "cpu_correction: [0.0, 0.0, 0.0]", "safety_factor: 0.8"]
+             *[f"{key}: {json.dumps(value)}" for key, value in settings.items()]]
     target.write_text("\n".join(lines) + "\n")
     return target
+
+
+def measured_source(quick: bool) -> str:
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"calibrate on {socket.gethostname()}, {when}{', quick' if quick else ''}; "
+            f"torch {torch.__version__}")

@@ -246,3 +246,56 @@ def flexgen_original(spec: ModelSpec, policy: Policy, profile: HardwareProfile, 
     layers = spec.num_layers
     return Prediction(t_pre * layers, t_gen * (gen_len - 1) * layers, policy.block_size,
                       gen_len, {"prefill": pre, "decode": gen})
+
+
+def flexgen_original_memory(spec: ModelSpec, p: Policy, s: int, n: int) -> dict[str, dict]:
+    """The original's memory constraints (digest §7.3), fp16 bytes, each term by name:
+    constraint -> {term: bytes}; each constraint's sum must stay under capacity x 0.8.
+
+    gpu prefill = home (wi l wg + 2 s h1 bls hg + 4 (s + n) h1 bls l cg)
+                  + double-buffered weights 2 wi (1 - wg) + activations 2 s h1 gbs (1 - hg)
+                  + interp (a SUM of every prefill intermediate; the paper says a max)
+    gpu decode  = home (decode form) + 2 wi (1 - wg) + 2 h1 gbs (1 - hg)
+                  + 4 gbs (s + n) h1 cg + interg
+    cpu prefill = wi l wc + 2 s h1 bls hc + 4 s h1 bls l cc + wi (1 - wg) + 2 s h1 gbs (1 - hg)
+    cpu decode  = wi l wc + 2 h1 bls hc + 4 (s + n) h1 bls l cc + wi wd + 4 h1 gbs hd
+                  + 8 (s + n) h1 gbs cd + 2 nh (s + n) gbs + 2 h1 gbs
+    disk        = wi l wd + 2 s h1 bls hd + 4 (s + n) h1 bls l cd
+    """
+    layers, h1, h2 = _shape(spec)
+    nh, gbs, bls = spec.num_heads, p.gpu_batch_size, p.block_size
+    w, c, a, wi, sn = p.weights, p.cache, p.activations, weight_bytes_per_layer(spec), s + n
+    interp = (8 * gbs * s * h1 + gbs * (2 * s * h1 + 2 * nh * s**2) + 2 * gbs * s * h1
+              + 4 * gbs * s * h1 + 2 * gbs * s * h2 + 2 * gbs * s * h1)
+    interg = (8 * gbs * h1 + gbs * (2 * h1 + 2 * sn * h1 + 2 * nh * sn) * c.gpu
+              + gbs * (2 * sn * h1 + 2 * h1) * c.gpu + 4 * gbs * h1 + 2 * gbs * h2
+              + 2 * gbs * h1)
+    return {
+        "gpu prefill": {"weights home": wi * layers * w.gpu,
+                        "activations home": 2 * s * h1 * bls * a.gpu,
+                        "cache home": 4 * sn * h1 * bls * layers * c.gpu,
+                        "weight double buffer": 2 * wi * (1 - w.gpu),
+                        "activation buffer": 2 * s * h1 * gbs * (1 - a.gpu),
+                        "intermediates (sum)": interp},
+        "gpu decode": {"weights home": wi * layers * w.gpu,
+                       "activations home": 2 * h1 * bls * a.gpu,
+                       "cache home": 4 * sn * h1 * bls * layers * c.gpu,
+                       "weight double buffer": 2 * wi * (1 - w.gpu),
+                       "activation buffer": 2 * h1 * gbs * (1 - a.gpu),
+                       "cache buffer": 4 * gbs * sn * h1 * c.gpu,
+                       "intermediates (sum)": interg},
+        "cpu prefill": {"weights home": wi * layers * w.cpu,
+                        "activations home": 2 * s * h1 * bls * a.cpu,
+                        "cache home": 4 * s * h1 * bls * layers * c.cpu,
+                        "weight buffer": wi * (1 - w.gpu),
+                        "activation buffer": 2 * s * h1 * gbs * (1 - a.gpu)},
+        "cpu decode": {"weights home": wi * layers * w.cpu,
+                       "activations home": 2 * h1 * bls * a.cpu,
+                       "cache home": 4 * sn * h1 * bls * layers * c.cpu,
+                       "weight buffer": wi * w.disk, "activation buffer": 4 * h1 * gbs * a.disk,
+                       "cache buffer": 8 * sn * h1 * gbs * c.disk,
+                       "attention buffer": 2 * nh * sn * gbs + 2 * h1 * gbs},
+        "disk": {"weights home": wi * layers * w.disk,
+                 "activations home": 2 * s * h1 * bls * a.disk,
+                 "cache home": 4 * sn * h1 * bls * layers * c.disk},
+    }

@@ -26,6 +26,29 @@ def test_quick_calibration_writes_a_profile_hydra_finds(tmp_path):
                          text=True, timeout=120)
     assert cfg.returncode == 0 and "name: here" in cfg.stdout
     assert "bw_disk_to_cpu:" in cfg.stdout and "bw_disk_to_cpu: null" not in cfg.stdout
+    # runs measured with that profile, then calibrate fit=true refines it from them
+    store = tmp_path / "runs.sqlite"
+    runs = subprocess.run([sys.executable, "-m", "flexgen_lab", "run", "--multirun",
+                           "model=opt-tiny", "hardware=here", "workload=tiny",
+                           "policy.gpu_batch_size=1,2,4", "policy.weights.gpu=1,0",
+                           f"engine.offload_dir={tmp_path / 'off'}", f"store.path={store}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert runs.returncode == 0, runs.stderr
+    out = subprocess.run([sys.executable, "-m", "flexgen_lab", "calibrate", "fit=true",
+                          "name=here", f"store.path={store}", "holdout=0.34"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "fitted on 4 runs" in out.stdout and "on 2 held-out runs: median |error|" in out.stdout
+    fitted = yaml.safe_load((tmp_path / "cfg" / "hardware" / "here-fitted.yaml").read_text())
+    assert fitted["step_overhead_s"] > 0 and "fit of hardware=here on 4 runs" in fitted["source"]
+    assert fitted["gpu_mem"] == profile["gpu_mem"]
+
+
+def test_fit_needs_stored_runs(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "flexgen_lab", "calibrate", "fit=true",
+                          "name=t4-paper", f"store.path={tmp_path / 'none.sqlite'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "no results store" in out.stderr
 
 
 def test_calibrate_rejects_unknown_arguments(tmp_path):

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from flexgen_lab.__main__ import CONF_DIR, to_run_config
-from flexgen_lab.config import ConfigError, register_configs
+from flexgen_lab.__main__ import load_profile
+from flexgen_lab.config import ConfigError
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.hardware.profile import HardwareProfile, parse_rate
 from flexgen_lab.models.spec import ModelSpec
-from flexgen_lab.planner.cost_model import flexgen_original, predict
+from flexgen_lab.planner.cost_model import flexgen_original, flexgen_original_memory, predict
 
 
 def profile(name: str) -> HardwareProfile:
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = to_run_config(compose(config_name="config", overrides=[f"hardware={name}"]))
-    return HardwareProfile.from_config(cfg.hardware)
+    return load_profile(name)
 
 
 PAPER_512 = {  # facts §4: the s = 512 policies, and the original model's own predictions
@@ -37,6 +33,23 @@ def test_original_variant_reproduces_its_own_predictions(model):
     got = flexgen_original(ModelSpec.from_name(model), policy, profile("t4-paper-fitted"), 512,
                            32).generation_throughput
     assert got == pytest.approx(expected, rel=0.01)
+
+
+def test_original_memory_model_rejects_the_papers_own_policies():
+    """Facts: under its own memory model (x 0.8) the original rejects all three s = 512
+    policies; the over-budget terms are the ones the closing note explains."""
+    hw = profile("t4-paper-fitted")
+    capacity = {"gpu": hw.gpu_mem, "cpu": hw.cpu_mem, "disk": hw.disk_mem}
+    over = {}
+    for model, (policy, _) in PAPER_512.items():
+        memory = flexgen_original_memory(ModelSpec.from_name(model), policy, 512, 32)
+        over[model] = [name for name, terms in memory.items()
+                       if sum(terms.values()) > 0.8 * capacity[name.split()[0]]]
+    assert all(over.values())  # every policy breaks at least one of its constraints
+    assert "gpu prefill" in over["opt-30b"] and "cpu decode" in over["opt-175b"]
+    weights = flexgen_original_memory(ModelSpec.from_name("opt-6.7b"), PAPER_512["opt-6.7b"][0],
+                                      512, 32)["gpu prefill"]["weights home"]
+    assert weights == pytest.approx(0.8 * hw.gpu_mem, rel=0.01)  # 6.7B's weights fill 0.8 x 15
 
 
 def test_paper_profile_presets_have_every_speed():
