@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 from flexgen_lab.engine.engine import Engine
 from flexgen_lab.engine.tiers import Tiers
@@ -14,6 +16,7 @@ from flexgen_lab.workload import synthetic_prompts
 from tests.planner.test_cost_model import profile
 
 MiB = 2**20
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tight_profile():
@@ -40,6 +43,41 @@ def test_searched_policy_fits_and_the_engine_runs_it_within_budgets(tmp_path):
     for tier, peak in tiers.peaks().items():
         assert peak <= capacity[tier]
         assert abs(peak - found.peak_bytes[tier]) <= 0.10 * max(peak, 1)  # model vs engine
+
+
+MEASURE_RSS = """
+import json, sys
+from flexgen_lab.engine.engine import Engine
+from flexgen_lab.engine.memory import PeakRSS
+from flexgen_lab.engine.tiers import Tiers
+from flexgen_lab.models.spec import ModelSpec
+from flexgen_lab.models.weights import DummyWeights
+from flexgen_lab.planner.search import search
+from flexgen_lab.workload import synthetic_prompts
+from tests.planner.test_search import tight_profile
+
+spec, hw = ModelSpec.from_name("opt-125m"), tight_profile()
+found = search(spec, hw, 32, 4, q=4, batch_sizes=(1, 2, 4), max_gpu_batches=3)
+p = found.policy
+ids, mask = synthetic_prompts(spec, p.block_size, 32, seed=0)
+tiers = Tiers(hw.gpu_mem, hw.cpu_mem, hw.disk_mem, "cpu")
+with PeakRSS() as rss:
+    with Engine(spec, DummyWeights(spec, 0), p, found.schedule, tiers=tiers,
+                offload_dir=sys.argv[1]) as engine:
+        engine.generate(ids, mask, 4)
+print(json.dumps({"rss": rss.peak_bytes, "modelled": found.peak_bytes}))
+"""
+
+
+def test_searched_policy_peak_matches_the_processes_real_memory(tmp_path):
+    """Without a GPU the gpu and cpu tiers both live in this process's memory: the modelled
+    peak of the two must be within 10 % of the peak RSS above the start (a fresh process)."""
+    out = subprocess.run([sys.executable, "-c", MEASURE_RSS, str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, check=True)
+    figures = json.loads(out.stdout)
+    modelled = figures["modelled"]["gpu"] + figures["modelled"]["cpu"]
+    assert modelled > 500 * MiB  # most of opt-125m's 500 MB of fp32 weights are in memory
+    assert abs(figures["rss"] - modelled) <= 0.10 * figures["rss"], figures
 
 
 def test_search_command_prints_a_policy(tmp_path):
