@@ -13,6 +13,7 @@ reads the union of chosen positions, which depends on the data: it is not modell
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from flexgen_lab.engine.cache_homes import stored_shapes
 from flexgen_lab.engine.compress import CompressionConfig
 from flexgen_lab.engine.placement import batch_ranges, split_units
-from flexgen_lab.engine.policy import Policy
+from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.tiers import nbytes_of
 from flexgen_lab.engine.transfer import LINKS
 from flexgen_lab.models.spec import ModelSpec
@@ -30,24 +31,31 @@ DTYPES = {1: torch.uint8, 2: torch.float16, 4: torch.float32}
 
 
 def weight_tier_bytes(spec: ModelSpec, policy: Policy, dtype: torch.dtype) -> list[Counter]:
-    """Per part (embed, layers, head; the head with a tied embedding again): bytes per tier."""
+    """Per part (embed, layers, head; the head with a tied embedding again): bytes per tier.
+    Every decoder layer splits alike, so each kind of part is computed once (and cached: the
+    search asks for the same placements many times)."""
     config = (CompressionConfig(policy.compress_bits, policy.compress_group_size, 0)
               if policy.compress_weight else None)
-    parts = []
-    for part, _ in part_names(spec):
-        shapes = dict(part_shapes(spec, part))
-        if part == "head" and spec.tie_embeddings:
-            shapes["embed_tokens.weight"] = (spec.vocab, spec.hidden)
-        tiers: Counter = Counter()
-        for shape in shapes.values():
-            for array_shape, array_dtype, rows_per_unit in _stored(shape, dtype, config):
-                units = -(-array_shape[0] // rows_per_unit)
-                row_bytes = nbytes_of(array_shape[1:], array_dtype)
-                for tier, (a, b) in split_units(units, policy.weights).ranges().items():
-                    rows = min(b * rows_per_unit, array_shape[0]) - a * rows_per_unit
-                    tiers[tier] += rows * row_bytes
-        parts.append(tiers)
-    return parts
+    kinds = {part: _part_tier_bytes(spec, part, policy.weights, dtype, config)
+             for part in ("embed", "layer", "head")}
+    return [Counter(dict(kinds[part])) for part, _ in part_names(spec)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _part_tier_bytes(spec: ModelSpec, part: str, share: Placement, dtype: torch.dtype,
+                     config: CompressionConfig | None) -> tuple[tuple[str, int], ...]:
+    shapes = dict(part_shapes(spec, part))
+    if part == "head" and spec.tie_embeddings:
+        shapes["embed_tokens.weight"] = (spec.vocab, spec.hidden)
+    tiers: Counter = Counter()
+    for shape in shapes.values():
+        for array_shape, array_dtype, rows_per_unit in _stored(shape, dtype, config):
+            units = -(-array_shape[0] // rows_per_unit)
+            row_bytes = nbytes_of(array_shape[1:], array_dtype)
+            for tier, (a, b) in split_units(units, share).ranges().items():
+                rows = min(b * rows_per_unit, array_shape[0]) - a * rows_per_unit
+                tiers[tier] += rows * row_bytes
+    return tuple(tiers.items())
 
 
 def _stored(shape, dtype, config):
@@ -78,10 +86,9 @@ def _weights(moved, spec, policy, schedule, gen_len, dtype) -> None:
     for tiers in weight_tier_bytes(spec, policy, dtype):
         if set(tiers) <= {"gpu"}:
             continue  # resident part: nothing moves
-        for token in range(gen_len):
-            phase = moved["prefill" if token == 0 else "decode"]
-            phase["cpu_to_gpu"] += loads * (tiers["cpu"] + tiers["disk"])
-            phase["disk_to_cpu"] += loads * tiers["disk"]
+        for phase, tokens in (("prefill", 1), ("decode", gen_len - 1)):
+            moved[phase]["cpu_to_gpu"] += tokens * loads * (tiers["cpu"] + tiers["disk"])
+            moved[phase]["disk_to_cpu"] += tokens * loads * tiers["disk"]
 
 
 def _cache(moved, spec, policy, k, prompt_len, gen_len, dtype) -> None:
