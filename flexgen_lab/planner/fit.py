@@ -41,7 +41,8 @@ SPEED_GROUPS = {
                        "bw_cpu_to_disk_decode"),
 }
 OVERHEAD_RANGE = (1e-7, 0.1)  # seconds per compute step
-PRIOR_WEIGHT = 0.01  # pull of log(factor) towards 0 (the micro-benchmark), per factor
+STARTING_OVERHEADS = (1e-6, 1e-4, 1e-3)
+PRIOR_WEIGHT = 0.03  # pull of log(factor) towards 0 (the micro-benchmark), per factor
 SENSITIVITY = 1e-3  # a factor whose doubling moves no phase time by 0.1 % is not fitted
 
 
@@ -138,14 +139,18 @@ def fit(base: HardwareProfile, observations: list[Observation]) -> tuple[Hardwar
         raise ValueError("fit: no runs to fit on (store measured runs with this profile first)")
     base.require_speeds()
     names = [*_exercised(base, observations), "step_overhead_s"]
-    overhead = min(max(base.step_overhead_s or 1e-5, OVERHEAD_RANGE[0]), OVERHEAD_RANGE[1])
-    x0 = np.zeros(len(names))
-    x0[-1] = math.log(overhead)
     lower = np.full(len(names), math.log(1e-3))
     upper = np.full(len(names), math.log(1e3))
     lower[-1], upper[-1] = (math.log(v) for v in OVERHEAD_RANGE)
-    result = least_squares(lambda x: _residuals(base, names, x, observations), x0,
-                           bounds=(lower, upper), x_scale=1.0, diff_step=1e-4)
+    # phase times are maxima of terms, so the problem is not convex: start from several
+    # overheads (none, launch-sized, Python-sized) and keep the best solution
+    results = []
+    for overhead in STARTING_OVERHEADS:
+        x0 = np.zeros(len(names))
+        x0[-1] = math.log(overhead)
+        results.append(least_squares(lambda x: _residuals(base, names, x, observations), x0,
+                                     bounds=(lower, upper), x_scale=1.0, diff_step=1e-4))
+    result = min(results, key=lambda r: r.cost)
     fitted = _apply(base, names, result.x)
     factors = {n: math.exp(v) for n, v in zip(names, result.x, strict=True)
                if n != "step_overhead_s"}
