@@ -2,8 +2,10 @@
 
 Two variants:
 - `predict` (variant "flexgen_lab"): I/O from `traffic.link_bytes`, which equals the engine's
-  own byte counters; compute from FLOPs. Each phase takes, with overlap, the longest of its
-  link times and its compute time (links are separate queues), without overlap their sum.
+  own byte counters; compute from per-step terms. With overlap each window of a phase (a
+  part's compute and what loads beside it: the next part's weights, its cache and
+  activations) takes the longest of its link times and its compute (links are separate
+  queues), and the phase their sum; without overlap everything adds up.
 - `flexgen_original` (variant "flexgen-original"): the formulas of FlexGen's
   experimental/cost_model.py (digest §7.3), one function per term, for comparison.
 
@@ -18,9 +20,10 @@ from dataclasses import dataclass, field
 
 from flexgen_lab.engine.placement import split_units
 from flexgen_lab.engine.policy import Policy
+from flexgen_lab.engine.transfer import LINKS
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
-from flexgen_lab.planner.traffic import link_bytes
+from flexgen_lab.planner.traffic import WINDOWS, window_bytes
 
 VARIANTS = ("flexgen_lab", "flexgen-original")
 
@@ -130,44 +133,66 @@ def delegated_rows(policy: Policy) -> float:
     return (policy.block_size - split.gpu) / policy.num_gpu_batches
 
 
-def compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_len: int,
-                    gen_len: int, num_prompts: int,
-                    dtype_bytes: int = 2) -> dict[str, dict[str, float]]:
-    """Compute time per phase and term: every step of the grid, summed (step_seconds)."""
+TERMS = ("matmul", "attention", "cpu_attention", "dequant", "overhead")
+
+
+def window_compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile,
+                           prompt_len: int, gen_len: int, num_prompts: int,
+                           dtype_bytes: int = 2) -> dict[str, dict[str, dict[str, float]]]:
+    """Compute time per phase, window (traffic.WINDOWS) and term: every step of the grid,
+    summed (step_seconds); decoder layers 1..L-1 are the "layer" window, layer L "last"."""
     batches = num_prompts // policy.gpu_batch_size
     b = policy.gpu_batch_size
     phases = {"prefill": (1, prompt_len, prompt_len, 0.0),  # (token steps, t, keys, cpu rows)
               "decode": (gen_len - 1, 1, prompt_len + gen_len / 2, delegated_rows(policy))}
+    windows = (("embed", "embed", 1), ("layer", "layer", spec.num_layers - 1),
+               ("last", "layer", 1), ("head", "head", 1))
     out = {}
     for phase, (token_steps, t, keys, cpu_rows) in phases.items():
-        total = dict.fromkeys(("matmul", "attention", "cpu_attention", "dequant", "overhead"),
-                              0.0)
-        for part, count in (("embed", 1), ("layer", spec.num_layers), ("head", 1)):
+        out[phase] = {}
+        for window, part, count in windows:
             step = step_seconds(spec, policy, profile, part, b, t, keys, cpu_rows, phase,
                                 dtype_bytes)
-            for term, seconds in step.items():
-                total[term] += token_steps * batches * count * seconds
-        out[phase] = total
+            out[phase][window] = {term: token_steps * batches * count * seconds
+                                  for term, seconds in step.items()}
     return out
+
+
+def compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_len: int,
+                    gen_len: int, num_prompts: int,
+                    dtype_bytes: int = 2) -> dict[str, dict[str, float]]:
+    """Compute time per phase and term, all windows together."""
+    by_window = window_compute_seconds(spec, policy, profile, prompt_len, gen_len, num_prompts,
+                                       dtype_bytes)
+    return {phase: {term: sum(w[term] for w in windows.values()) for term in TERMS}
+            for phase, windows in by_window.items()}
 
 
 def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile,
             prompt_len: int, gen_len: int, dtype_bytes: int = 2,
             num_prompts: int | None = None) -> Prediction:
-    """Prefill and decode seconds of num_prompts prompts (one block by default)."""
+    """Prefill and decode seconds of num_prompts prompts (one block by default).
+
+    With overlap a phase takes, window by window (traffic.window_bytes: the next part's
+    weights load while a part computes), the longest of the window's link times and its
+    compute, summed over windows: T = sum_w max(link_w,1 .. link_w,4, compute_w). Without
+    overlap it is the sum of everything."""
     profile.require_speeds()
     num_prompts = num_prompts or policy.block_size
     blocks = num_prompts // policy.block_size
-    moved = link_bytes(spec, policy, schedule, prompt_len, gen_len, dtype_bytes, blocks)
-    compute = compute_seconds(spec, policy, profile, prompt_len, gen_len, num_prompts,
-                              dtype_bytes)
+    moved = window_bytes(spec, policy, schedule, prompt_len, gen_len, dtype_bytes, blocks)
+    compute = window_compute_seconds(spec, policy, profile, prompt_len, gen_len, num_prompts,
+                                     dtype_bytes)
     times, terms = {}, {}
     for phase in ("prefill", "decode"):
-        io = link_seconds(moved[phase], profile, phase)
-        compute_s = sum(compute[phase].values())
-        terms[phase] = {**io, **compute[phase]}
-        times[phase] = (max(*io.values(), compute_s) if policy.overlap
-                        else sum(io.values()) + compute_s)
+        times[phase], terms[phase] = 0.0, dict.fromkeys((*LINKS, *TERMS), 0.0)
+        for window in WINDOWS:
+            io = link_seconds(moved[phase][window], profile, phase)
+            work = compute[phase][window]
+            for term, seconds in (*io.items(), *work.items()):
+                terms[phase][term] += seconds
+            times[phase] += (max(*io.values(), sum(work.values())) if policy.overlap
+                             else sum(io.values()) + sum(work.values()))
     return Prediction(times["prefill"], times["decode"], num_prompts, gen_len, terms)
 
 

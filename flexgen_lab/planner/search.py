@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import pulp
 
 from flexgen_lab.engine.policy import Placement, Policy
+from flexgen_lab.engine.transfer import LINKS
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
-from flexgen_lab.planner.cost_model import Prediction, compute_seconds, predict
+from flexgen_lab.planner.cost_model import Prediction, link_rate, predict, window_compute_seconds
 from flexgen_lab.planner.memory_model import VARIABLES, memory_terms, peak_bytes
-from flexgen_lab.planner.traffic import link_bytes
+from flexgen_lab.planner.traffic import WINDOWS, window_bytes
 
 KINDS = {"weights": "w", "cache": "c", "activations": "h"}
 GPU_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)  # the paper: multiples of 4, mostly
@@ -45,25 +46,32 @@ def _with(policy: Policy, kind: str, tier: str) -> Policy:
 
 
 def link_coefficients(spec, policy, schedule, s, n, q) -> dict:
-    """(phase, link) -> {variable: bytes moved when that fraction is 1} (baseline all-gpu)."""
+    """(phase, window, link) -> {variable: bytes moved when that fraction is 1} (baseline
+    all-gpu)."""
     resident = dataclasses.replace(policy, weights=Placement(), cache=Placement(),
                                    activations=Placement())
-    base = link_bytes(spec, resident, schedule, s, n, q)
+    base = window_bytes(spec, resident, schedule, s, n, q)
     coef: dict = {}
     for kind, prefix in KINDS.items():
         for tier in ("cpu", "disk"):
-            moved = link_bytes(spec, _with(resident, kind, tier), schedule, s, n, q)
-            for phase, links in moved.items():
-                for link, nbytes in links.items():
-                    extra = nbytes - base[phase][link]
-                    if extra:
-                        coef.setdefault((phase, link), {})[f"{prefix}{tier[0]}"] = extra
+            moved = window_bytes(spec, _with(resident, kind, tier), schedule, s, n, q)
+            for phase, windows in moved.items():
+                for window, links in windows.items():
+                    for link, nbytes in links.items():
+                        extra = nbytes - base[phase][window][link]
+                        if extra:
+                            coef.setdefault((phase, window, link), {})[
+                                f"{prefix}{tier[0]}"] = extra
     return coef
 
 
 def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile, s: int,
           n: int, q: int) -> Policy | None:
-    """The best placement for a fixed (gbs, ngb, delegation, compression); None if none fits."""
+    """The best placement for a fixed (gbs, ngb, delegation, compression); None if none fits.
+
+    Minimises prefill + decode time, each the sum over windows of T_w >= every link term and
+    the compute of window w (overlap), or the sum of all terms (no overlap): the cost model's
+    predict, written as a linear program."""
     prob = pulp.LpProblem("placement", pulp.LpMinimize)
     x = {v: pulp.LpVariable(v, 0, 1) for v in VARIABLES}
     for prefix in KINDS.values():
@@ -73,24 +81,21 @@ def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfi
     for tier, term in memory.items():
         prob += (term.const + pulp.lpSum(c * x[v] for v, c in term.coef.items())
                  <= capacity[tier] * profile.safety_factor)
-    bandwidth = {"cpu_to_gpu": profile.bw_cpu_to_gpu, "gpu_to_cpu": profile.bw_gpu_to_cpu_cache,
-                 "disk_to_cpu": profile.bw_disk_to_cpu}
     coef = link_coefficients(spec, policy, schedule, s, n, q)
+    compute = _compute_exprs(spec, policy, profile, s, n, q, x)
     total = []
     for phase in ("prefill", "decode"):
-        t = pulp.LpVariable(f"T_{phase}", 0)
-        total.append(t)
-        bandwidth["cpu_to_disk"] = (profile.bw_cpu_to_disk_cache_prefill if phase == "prefill"
-                                    else profile.bw_cpu_to_disk_decode)
-        links = [pulp.lpSum(b / bandwidth[link] * x[v] for v, b in coef.get((phase, link),
-                                                                              {}).items())
-                 for link in bandwidth]
-        work = _compute_expr(spec, policy, profile, s, n, q, phase, x)
-        if policy.overlap:
-            for term in (*links, work):
-                prob += t >= term
-        else:
-            prob += t >= pulp.lpSum(links) + work
+        for window in WINDOWS:
+            t = pulp.LpVariable(f"T_{phase}_{window}", 0)
+            total.append(t)
+            links = [pulp.lpSum(b / link_rate(profile, link, phase) * x[v]
+                                for v, b in coef.get((phase, window, link), {}).items())
+                     for link in LINKS]
+            if policy.overlap:
+                for term in (*links, compute[(phase, window)]):
+                    prob += t >= term
+            else:
+                prob += t >= pulp.lpSum(links) + compute[(phase, window)]
     prob += pulp.lpSum(total)
     status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
     if pulp.LpStatus[status] != "Optimal":
@@ -102,16 +107,24 @@ def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfi
         activations=Placement(v["hg"], min(v["hc"], 1 - v["hg"])))
 
 
-def _compute_expr(spec, policy, profile, s: int, n: int, q: int, phase: str, x: dict):
-    """Compute seconds of a phase; with delegation, attention splits by where the cache is."""
-    on_gpu = compute_seconds(spec, _with(policy, "cache", "gpu"), profile, s, n,
-                             policy.block_size, q)[phase]
-    fixed = on_gpu["matmul"] + on_gpu.get("dequant", 0.0)
-    if not policy.cpu_delegation or phase == "prefill":
-        return fixed + on_gpu["attention"]
-    on_cpu = compute_seconds(spec, _with(policy, "cache", "cpu"), profile, s, n,
-                             policy.block_size, q)[phase]
-    return fixed + on_gpu["attention"] * x["cg"] + on_cpu["cpu_attention"] * (x["cc"] + x["cd"])
+def _compute_exprs(spec, policy, profile, s: int, n: int, q: int, x: dict) -> dict:
+    """(phase, window) -> compute seconds; with delegation, decode attention splits by where
+    the cache is (gpu share on the GPU, the rest on the CPU)."""
+    on_gpu = window_compute_seconds(spec, _with(policy, "cache", "gpu"), profile, s, n,
+                                    policy.block_size, q)
+    on_cpu = window_compute_seconds(spec, _with(policy, "cache", "cpu"), profile, s, n,
+                                    policy.block_size, q)
+    out = {}
+    for phase, windows in on_gpu.items():
+        for window, terms in windows.items():
+            fixed = terms["matmul"] + terms["dequant"] + terms["overhead"]
+            if not policy.cpu_delegation or phase == "prefill":
+                out[(phase, window)] = fixed + terms["attention"]
+            else:
+                cpu = on_cpu[phase][window]["cpu_attention"]
+                out[(phase, window)] = (fixed + terms["attention"] * x["cg"]
+                                        + cpu * (x["cc"] + x["cd"]))
+    return out
 
 
 def _doubling(limit: int) -> list[int]:

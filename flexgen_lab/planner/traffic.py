@@ -68,40 +68,67 @@ def _stored(shape, dtype, config):
             ((groups, 2, *shape[1:]), torch.float16, 1)]
 
 
+WINDOWS = ("embed", "layer", "last", "head")  # whose compute a transfer overlaps, see below
+
+
 def link_bytes(spec: ModelSpec, policy: Policy, schedule: str, prompt_len: int, gen_len: int,
                dtype_bytes: int, num_blocks: int = 1) -> dict[str, dict[str, int]]:
     """Bytes per link and phase (prefill = token 0) for num_blocks blocks of prompts."""
+    windows = window_bytes(spec, policy, schedule, prompt_len, gen_len, dtype_bytes,
+                           num_blocks)
+    return {phase: {link: sum(w[link] for w in by_window.values()) for link in LINKS}
+            for phase, by_window in windows.items()}
+
+
+def window_bytes(spec: ModelSpec, policy: Policy, schedule: str, prompt_len: int,
+                 gen_len: int, dtype_bytes: int,
+                 num_blocks: int = 1) -> dict[str, dict[str, dict[str, int]]]:
+    """Bytes per link, phase and window: the compute steps a transfer runs beside.
+
+    Windows: "embed", "layer" (decoder layers 1 .. L-1), "last" (layer L), "head". The
+    engine prefetches the next part's weights while a part computes, so a part's weights
+    belong to the window before it (the embedding's to the head's: the next token's); cache
+    and activation traffic belongs to the step that reads or writes it.
+    """
     dtype = DTYPES[dtype_bytes]
-    moved = {"prefill": Counter(), "decode": Counter()}
+    moved = {phase: {w: Counter() for w in WINDOWS} for phase in ("prefill", "decode")}
     _weights(moved, spec, policy, schedule, gen_len, dtype)
     for k in range(policy.num_gpu_batches):
         _cache(moved, spec, policy, k, prompt_len, gen_len, dtype)
         _activations(moved, spec, policy, k, prompt_len, gen_len, dtype)
-    return {phase: {link: counts[link] * num_blocks for link in LINKS}
-            for phase, counts in moved.items()}
+    return {phase: {w: {link: counts[link] * num_blocks for link in LINKS}
+                    for w, counts in by_window.items()} for phase, by_window in moved.items()}
 
 
 def _weights(moved, spec, policy, schedule, gen_len, dtype) -> None:
     loads = 1 if schedule == "zigzag" else policy.num_gpu_batches
-    for tiers in weight_tier_bytes(spec, policy, dtype):
+    parts = weight_tier_bytes(spec, policy, dtype)
+    before = ["head", "embed", *["layer"] * (spec.num_layers - 1), "last"]  # window per part
+    for tiers, window in zip(parts, before, strict=True):
         if set(tiers) <= {"gpu"}:
             continue  # resident part: nothing moves
         for phase, tokens in (("prefill", 1), ("decode", gen_len - 1)):
-            moved[phase]["cpu_to_gpu"] += tokens * loads * (tiers["cpu"] + tiers["disk"])
-            moved[phase]["disk_to_cpu"] += tokens * loads * tiers["disk"]
+            moved[phase][window]["cpu_to_gpu"] += tokens * loads * (tiers["cpu"] + tiers["disk"])
+            moved[phase][window]["disk_to_cpu"] += tokens * loads * tiers["disk"]
+
+
+def _per_layer(moved_phase: dict, part: Counter, spec: ModelSpec) -> None:
+    """One decoder layer's traffic, for all L layers: L-1 in "layer", one in "last"."""
+    _add(moved_phase["layer"], part, spec.num_layers - 1)
+    _add(moved_phase["last"], part)
 
 
 def _cache(moved, spec, policy, k, prompt_len, gen_len, dtype) -> None:
-    layers = spec.num_layers
     for tier, row in cache_rows(spec, policy, k, dtype).items():
         if gen_len > 1:
-            _add(moved["prefill"], cache_store(tier, row, prompt_len, False), layers)
+            _per_layer(moved["prefill"], cache_store(tier, row, prompt_len, False), spec)
         for token in range(1, gen_len):
             past = prompt_len + token - 1
-            _add(moved["decode"], cache_load(policy, tier, row, past), layers)
-            _add(moved["decode"], cache_attend(spec, policy, row, past, dtype), layers)
+            _per_layer(moved["decode"], cache_load(policy, tier, row, past), spec)
+            _per_layer(moved["decode"], cache_attend(spec, policy, row, past, dtype), spec)
             if token < gen_len - 1 and cache_needs_store(policy, tier):
-                _add(moved["decode"], cache_store(tier, row, 1, policy.cpu_delegation), layers)
+                _per_layer(moved["decode"],
+                           cache_store(tier, row, 1, policy.cpu_delegation), spec)
 
 
 def _add(total: Counter, part: Counter, times: int = 1) -> None:
@@ -193,11 +220,12 @@ def hidden_move(tier: str, nbytes: int, store: bool) -> Counter:
 def _activations(moved, spec, policy, k, prompt_len, gen_len, dtype) -> None:
     for tier, per_token in activation_rows(spec, policy, k, dtype).items():
         for token in range(gen_len):
-            phase = moved["prefill" if token == 0 else "decode"]
+            windows = moved["prefill" if token == 0 else "decode"]
             nbytes = (prompt_len if token == 0 else 1) * per_token
-            # stores after embed and every decoder layer, loads before every layer and the head
-            for store in (True, False):
-                _add(phase, hidden_move(tier, nbytes, store), spec.num_layers + 1)
+            store, load = hidden_move(tier, nbytes, True), hidden_move(tier, nbytes, False)
+            _add(windows["embed"], store)  # the embedding's output goes home
+            _per_layer(windows, store + load, spec)  # each layer loads and stores
+            _add(windows["head"], load)  # the head loads the last layer's output
 
 
 class OpTraffic:
