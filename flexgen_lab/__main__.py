@@ -141,15 +141,20 @@ def _search_task(cfg) -> None:
         _fail(str(err), 2)
     if found is None:
         _fail(f"no policy fits {spec.name} on hardware={profile.name}", 1)
-    print(_search_summary(found, spec.name, profile.name))
+    from flexgen_lab.sim.simulator import simulate
+
+    sim = simulate(spec, found.policy, found.schedule, profile, w.prompt_len, w.gen_len,
+                   dtype.itemsize)
+    print(_search_summary(found, spec.name, profile.name, sim.generation_throughput))
 
 
-def _search_summary(found, model: str, hardware: str) -> str:
+def _search_summary(found, model: str, hardware: str, simulated: float) -> str:
     p, pred = found.policy, found.prediction
     place = lambda x: f"gpu {x.gpu:.3f} cpu {x.cpu:.3f} disk {x.disk:.3f}"  # noqa: E731
     peaks = ", ".join(f"{t} {b / 2**30:.2f} GiB" for t, b in found.peak_bytes.items())
     return (f"{model} on {hardware} [predicted, cost model]: {pred.generation_throughput:.3f} "
-            f"token/s (prefill {pred.prefill_s:.1f} s, decode {pred.decode_s:.1f} s)\n"
+            f"token/s (prefill {pred.prefill_s:.1f} s, decode {pred.decode_s:.1f} s); "
+            f"[simulated] {simulated:.3f} token/s\n"
             f"  gpu_batch_size {p.gpu_batch_size} x num_gpu_batches {p.num_gpu_batches}, "
             f"schedule {found.schedule}, cpu_delegation {p.cpu_delegation}, compress weight "
             f"{p.compress_weight} cache {p.compress_cache}\n"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from flexgen_lab.engine.placement import split_units
 from flexgen_lab.engine.policy import Policy
-from flexgen_lab.engine.transfer import LINKS
+from flexgen_lab.engine.transfer import IO_THREADS, LINKS
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.traffic import WINDOWS, window_bytes
@@ -174,9 +174,11 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
     """Prefill and decode seconds of num_prompts prompts (one block by default).
 
     With overlap a phase takes, window by window (traffic.window_bytes: the next part's
-    weights load while a part computes), the longest of the window's link times and its
-    compute, summed over windows: T = sum_w max(link_w,1 .. link_w,4, compute_w). Without
-    overlap it is the sum of everything."""
+    weights load while a part computes), the longest of the window's link times, its compute,
+    and its transfers shared among the engine's IO_THREADS workers (each load or store holds
+    one worker across all its links), summed over windows:
+    T = sum_w max(link_w,1 .. link_w,4, sum(link_w) / IO_THREADS, compute_w).
+    Without overlap it is the sum of everything."""
     profile.require_speeds()
     num_prompts = num_prompts or policy.block_size
     blocks = num_prompts // policy.block_size
@@ -191,7 +193,8 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
             work = compute[phase][window]
             for term, seconds in (*io.items(), *work.items()):
                 terms[phase][term] += seconds
-            times[phase] += (max(*io.values(), sum(work.values())) if policy.overlap
+            times[phase] += (max(*io.values(), sum(io.values()) / IO_THREADS,
+                                 sum(work.values())) if policy.overlap
                              else sum(io.values()) + sum(work.values()))
     return Prediction(times["prefill"], times["decode"], num_prompts, gen_len, terms)
 

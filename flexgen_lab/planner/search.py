@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pulp
 
 from flexgen_lab.engine.policy import Placement, Policy
-from flexgen_lab.engine.transfer import LINKS
+from flexgen_lab.engine.transfer import IO_THREADS, LINKS
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import Prediction, link_rate, predict, window_compute_seconds
@@ -91,8 +91,8 @@ def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfi
             links = [pulp.lpSum(b / link_rate(profile, link, phase) * x[v]
                                 for v, b in coef.get((phase, window, link), {}).items())
                      for link in LINKS]
-            if policy.overlap:
-                for term in (*links, compute[(phase, window)]):
+            if policy.overlap:  # each link, the I/O workers' share, the compute
+                for term in (*links, pulp.lpSum(links) / IO_THREADS, compute[(phase, window)]):
                     prob += t >= term
             else:
                 prob += t >= pulp.lpSum(links) + compute[(phase, window)]
