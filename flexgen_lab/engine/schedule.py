@@ -75,11 +75,13 @@ def ops(name: str, num_tokens: int, num_layers: int, num_batches: int) -> Iterat
     yield Op("load_weight", cells[0].token, cells[0].layer, cells[0].batch)
     prefetched = False
     for n, cell in enumerate(cells):
+        # the input this step waits for goes first: behind the next part's weights on the
+        # same link it would stall the step for a whole weight load
+        if not prefetched and cell.layer > 0:
+            yield Op("load_hidden", cell.token, cell.layer, cell.batch)
         if groups.get(n) is not None:
             nxt = cells[groups[n]]
             yield Op("load_weight", nxt.token, nxt.layer, nxt.batch)
-        if not prefetched and cell.layer > 0:
-            yield Op("load_hidden", cell.token, cell.layer, cell.batch)
         prefetched = False
         if n + 1 < len(cells):
             nxt = cells[n + 1]

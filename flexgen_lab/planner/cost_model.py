@@ -175,14 +175,19 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
 
     With overlap a phase takes, window by window (traffic.window_bytes: the next part's
     weights load while a part computes), the longest of the window's link times, its compute,
-    and its transfers shared among the engine's IO_THREADS workers (each load or store holds
-    one worker across all its links), summed over windows:
-    T = sum_w max(link_w,1 .. link_w,4, sum(link_w) / IO_THREADS, compute_w).
+    its transfers shared among the engine's IO_THREADS workers (each load or store holds one
+    worker across all its links), and each batch's chain of compute -> activations home ->
+    back, which only the other GPU batches' compute can hide (n = num_gpu_batches in zig-zag,
+    1 in row-by-row), summed over windows:
+    T = sum_w max(link_w,1 .. link_w,4, sum(link_w) / IO_THREADS,
+                  (compute_w + hidden round trip_w) / n, compute_w).
     Without overlap it is the sum of everything."""
     profile.require_speeds()
     num_prompts = num_prompts or policy.block_size
     blocks = num_prompts // policy.block_size
     moved = window_bytes(spec, policy, schedule, prompt_len, gen_len, dtype_bytes, blocks)
+    hidden = window_bytes(spec, policy, schedule, prompt_len, gen_len, dtype_bytes, blocks,
+                          kinds=("activations",))
     compute = window_compute_seconds(spec, policy, profile, prompt_len, gen_len, num_prompts,
                                      dtype_bytes)
     times, terms = {}, {}
@@ -190,13 +195,20 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
         times[phase], terms[phase] = 0.0, dict.fromkeys((*LINKS, *TERMS), 0.0)
         for window in WINDOWS:
             io = link_seconds(moved[phase][window], profile, phase)
-            work = compute[phase][window]
-            for term, seconds in (*io.items(), *work.items()):
+            work = sum(compute[phase][window].values())
+            for term, seconds in (*io.items(), *compute[phase][window].items()):
                 terms[phase][term] += seconds
+            round_trip = sum(link_seconds(hidden[phase][window], profile, phase).values())
             times[phase] += (max(*io.values(), sum(io.values()) / IO_THREADS,
-                                 sum(work.values())) if policy.overlap
-                             else sum(io.values()) + sum(work.values()))
+                                 (work + round_trip) / interleaved(policy, schedule), work)
+                             if policy.overlap else sum(io.values()) + work)
     return Prediction(times["prefill"], times["decode"], num_prompts, gen_len, terms)
+
+
+def interleaved(policy: Policy, schedule: str) -> int:
+    """GPU batches whose steps run between a batch's step and its next one (zig-zag), so its
+    activations' way home and back can hide behind their compute; 1 in row-by-row."""
+    return policy.num_gpu_batches if schedule == "zigzag" else 1
 
 
 # --- variant "flexgen-original" (digest §7.3; the code's version of the LP) -----------------

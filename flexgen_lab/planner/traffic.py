@@ -81,21 +81,26 @@ def link_bytes(spec: ModelSpec, policy: Policy, schedule: str, prompt_len: int, 
 
 
 def window_bytes(spec: ModelSpec, policy: Policy, schedule: str, prompt_len: int,
-                 gen_len: int, dtype_bytes: int,
-                 num_blocks: int = 1) -> dict[str, dict[str, dict[str, int]]]:
+                 gen_len: int, dtype_bytes: int, num_blocks: int = 1,
+                 kinds: tuple[str, ...] = ("weights", "cache", "activations"),
+                 ) -> dict[str, dict[str, dict[str, int]]]:
     """Bytes per link, phase and window: the compute steps a transfer runs beside.
 
     Windows: "embed", "layer" (decoder layers 1 .. L-1), "last" (layer L), "head". The
     engine prefetches the next part's weights while a part computes, so a part's weights
     belong to the window before it (the embedding's to the head's: the next token's); cache
-    and activation traffic belongs to the step that reads or writes it.
+    and activation traffic belongs to the step that reads or writes it. `kinds` selects
+    whose traffic is counted.
     """
     dtype = DTYPES[dtype_bytes]
     moved = {phase: {w: Counter() for w in WINDOWS} for phase in ("prefill", "decode")}
-    _weights(moved, spec, policy, schedule, gen_len, dtype)
+    if "weights" in kinds:
+        _weights(moved, spec, policy, schedule, gen_len, dtype)
     for k in range(policy.num_gpu_batches):
-        _cache(moved, spec, policy, k, prompt_len, gen_len, dtype)
-        _activations(moved, spec, policy, k, prompt_len, gen_len, dtype)
+        if "cache" in kinds:
+            _cache(moved, spec, policy, k, prompt_len, gen_len, dtype)
+        if "activations" in kinds:
+            _activations(moved, spec, policy, k, prompt_len, gen_len, dtype)
     return {phase: {w: {link: counts[link] * num_blocks for link in LINKS}
                     for w, counts in by_window.items()} for phase, by_window in moved.items()}
 
