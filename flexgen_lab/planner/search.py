@@ -21,7 +21,13 @@ from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.transfer import IO_THREADS, LINKS
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
-from flexgen_lab.planner.cost_model import Prediction, link_rate, predict, window_compute_seconds
+from flexgen_lab.planner.cost_model import (
+    Prediction,
+    interleaved,
+    link_rate,
+    predict,
+    window_compute_seconds,
+)
 from flexgen_lab.planner.memory_model import VARIABLES, memory_terms, peak_bytes
 from flexgen_lab.planner.traffic import WINDOWS, window_bytes
 
@@ -88,14 +94,19 @@ def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfi
         for window in WINDOWS:
             t = pulp.LpVariable(f"T_{phase}_{window}", 0)
             total.append(t)
-            links = [pulp.lpSum(b / link_rate(profile, link, phase) * x[v]
-                                for v, b in coef.get((phase, window, link), {}).items())
-                     for link in LINKS]
-            if policy.overlap:  # each link, the I/O workers' share, the compute
-                for term in (*links, pulp.lpSum(links) / IO_THREADS, compute[(phase, window)]):
+            seconds = {link: {v: b / link_rate(profile, link, phase) for v, b in
+                              coef.get((phase, window, link), {}).items()} for link in LINKS}
+            links = [pulp.lpSum(c * x[v] for v, c in per.items()) for per in seconds.values()]
+            # activation traffic: the "h" variables' (the baseline moves none)
+            round_trip = pulp.lpSum(c * x[v] for per in seconds.values()
+                                    for v, c in per.items() if v.startswith("h"))
+            work = compute[(phase, window)]
+            if policy.overlap:  # as predict: links, I/O workers, activation chain, compute
+                for term in (*links, pulp.lpSum(links) / IO_THREADS,
+                             (work + round_trip) / interleaved(policy, schedule), work):
                     prob += t >= term
             else:
-                prob += t >= pulp.lpSum(links) + compute[(phase, window)]
+                prob += t >= pulp.lpSum(links) + work
     prob += pulp.lpSum(total)
     status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
     if pulp.LpStatus[status] != "Optimal":
