@@ -61,12 +61,12 @@ def compute_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def resolve_dtype(name: str, device: torch.device, simulated: bool = False) -> str:
-    """auto = float16 on CUDA (and on a simulated machine, which is a GPU profile), float32 on
-    the CPU (the row stores the resolved name)."""
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """auto = float16 on CUDA (and on SIMULATED: the simulated machine is a GPU profile),
+    float32 on the CPU (the row stores the resolved name)."""
     if name != "auto":
         return name
-    return "float16" if device.type == "cuda" or simulated else "float32"
+    return "float16" if device.type in ("cuda", SIMULATED.type) else "float32"
 
 
 def to_policy(cfg: RunConfig) -> Policy:
@@ -97,10 +97,15 @@ def check_built(cfg: RunConfig) -> None:
         raise NotBuiltError("not built yet: " + "; ".join(missing))
 
 
+def parse_budgets(cfg: RunConfig) -> dict[str, int]:
+    """Tier -> the profile's capacity in bytes."""
+    return {tier: parse_bytes(getattr(cfg.hardware, f"{tier}_mem"), f"hardware.{tier}_mem")
+            for tier in ("gpu", "cpu", "disk")}
+
+
 def check_budgets(cfg: RunConfig, device: torch.device) -> dict[str, int]:
     """Tier budgets in bytes; a measured run may not promise more than this machine has."""
-    budgets = {tier: parse_bytes(getattr(cfg.hardware, f"{tier}_mem"), f"hardware.{tier}_mem")
-               for tier in ("gpu", "cpu", "disk")}
+    budgets = parse_budgets(cfg)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if device.type == "cuda":
         limits = {"gpu": torch.cuda.get_device_properties(device).total_memory, "cpu": ram}
@@ -216,9 +221,7 @@ def prepare(cfg: RunConfig) -> tuple[ModelSpec, torch.device, str, dict[str, int
     check_built(cfg)
     if cfg.backend.name == "simulated":  # any profile, as long as it has speeds
         HardwareProfile.from_config(cfg.hardware).require_speeds()
-        budgets = {tier: parse_bytes(getattr(cfg.hardware, f"{tier}_mem"),
-                                     f"hardware.{tier}_mem") for tier in ("gpu", "cpu", "disk")}
-        return spec, SIMULATED, resolve_dtype(cfg.dtype, SIMULATED, True), budgets
+        return spec, SIMULATED, resolve_dtype(cfg.dtype, SIMULATED), parse_budgets(cfg)
     device = compute_device()
     return spec, device, resolve_dtype(cfg.dtype, device), check_budgets(cfg, device)
 

@@ -158,16 +158,6 @@ def window_compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwarePro
     return out
 
 
-def compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_len: int,
-                    gen_len: int, num_prompts: int,
-                    dtype_bytes: int = 2) -> dict[str, dict[str, float]]:
-    """Compute time per phase and term, all windows together."""
-    by_window = window_compute_seconds(spec, policy, profile, prompt_len, gen_len, num_prompts,
-                                       dtype_bytes)
-    return {phase: {term: sum(w[term] for w in windows.values()) for term in TERMS}
-            for phase, windows in by_window.items()}
-
-
 def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile,
             prompt_len: int, gen_len: int, dtype_bytes: int = 2,
             num_prompts: int | None = None) -> Prediction:
@@ -185,20 +175,22 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
     profile.require_speeds()
     num_prompts = num_prompts or policy.block_size
     blocks = num_prompts // policy.block_size
-    moved = window_bytes(spec, policy, schedule, prompt_len, gen_len, dtype_bytes, blocks)
-    hidden = window_bytes(spec, policy, schedule, prompt_len, gen_len, dtype_bytes, blocks,
-                          kinds=("activations",))
+    args = (spec, policy, schedule, prompt_len, gen_len, dtype_bytes, blocks)
+    others = window_bytes(*args, kinds=("weights", "cache"))
+    hidden = window_bytes(*args, kinds=("activations",))
     compute = window_compute_seconds(spec, policy, profile, prompt_len, gen_len, num_prompts,
                                      dtype_bytes)
     times, terms = {}, {}
     for phase in ("prefill", "decode"):
         times[phase], terms[phase] = 0.0, dict.fromkeys((*LINKS, *TERMS), 0.0)
         for window in WINDOWS:
-            io = link_seconds(moved[phase][window], profile, phase)
+            own = link_seconds(hidden[phase][window], profile, phase)
+            io = {link: seconds + own[link] for link, seconds in
+                  link_seconds(others[phase][window], profile, phase).items()}
             work = sum(compute[phase][window].values())
             for term, seconds in (*io.items(), *compute[phase][window].items()):
                 terms[phase][term] += seconds
-            round_trip = sum(link_seconds(hidden[phase][window], profile, phase).values())
+            round_trip = sum(own.values())
             times[phase] += (max(*io.values(), sum(io.values()) / IO_THREADS,
                                  (work + round_trip) / interleaved(policy, schedule), work)
                              if policy.overlap else sum(io.values()) + work)

@@ -105,29 +105,30 @@ def _apply(base: HardwareProfile, names: list[str], x: np.ndarray) -> HardwarePr
     return base.replace(**changes)
 
 
-def _residuals(base, names, x, observations) -> np.ndarray:
-    profile = _apply(base, names, x)
+def _phase_residuals(profile: HardwareProfile, observations: list[Observation]) -> np.ndarray:
+    """log(predicted / measured) of every run's prefill and decode time."""
     out = []
     for obs in observations:
         prefill, decode = predicted_phases(profile, obs)
         out.append(math.log(prefill / obs.prefill_s))
         if obs.gen_len > 1:
             out.append(math.log(decode / obs.decode_s))
+    return np.array(out)
+
+
+def _residuals(base, names, x, observations) -> np.ndarray:
     prior = [PRIOR_WEIGHT * v for n, v in zip(names, x, strict=True) if n != "step_overhead_s"]
-    return np.array(out + prior)
+    return np.concatenate([_phase_residuals(_apply(base, names, x), observations), prior])
 
 
 def _exercised(base: HardwareProfile, observations: list[Observation]) -> list[str]:
     """Speed groups the runs depend on: doubling the speed moves some phase time."""
     names = [n for n, keys in SPEED_GROUPS.items() if getattr(base, keys[0])]
-    zero = np.zeros(len(names))
-    before = _residuals(base, names, zero, observations)
+    before = _phase_residuals(base, observations)
     kept = []
-    for i, name in enumerate(names):
-        x = zero.copy()
-        x[i] = math.log(2)
-        if np.max(np.abs(_residuals(base, names, x, observations)[:len(before) - len(names)]
-                         - before[:len(before) - len(names)])) > SENSITIVITY:
+    for name in names:
+        doubled = _phase_residuals(_apply(base, [name], np.array([math.log(2)])), observations)
+        if np.max(np.abs(doubled - before)) > SENSITIVITY:
             kept.append(name)
     return kept
 
