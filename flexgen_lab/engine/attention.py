@@ -12,6 +12,8 @@ heads, d head_dim; cache rows are token-major (p, n, nkv, d).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from flexgen_lab.engine import compress
@@ -34,17 +36,56 @@ class CacheAttention:
         self.device, self.dtype = tiers.device, homes.dtype
         self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}
 
-    def _buffer(self, role: str, tier: str, slot: int, place: str, stored: bool) -> dict:
-        """Reusable arrays sized for the largest segment of `tier` (all S positions)."""
+    def reserve_buffers(self, gen_len: int) -> None:
+        """Make now every buffer the block will use, so the accounting holds them from the
+        start and a plan that cannot fit fails before generating. With one new token nothing
+        is stored for later or read back: no buffer at all."""
+        if gen_len < 2:
+            return
+        for tier, seg in self._largest_segments().items():
+            roles = []
+            if tier == "disk":  # stores, and reads on their way to the attention
+                roles += [("store", s, "cpu", True) for s in (0, 1)]
+                roles += [("bounce", s, "cpu", True) for s in (0, 1)]
+            if tier != "gpu" and not self.delegate:
+                roles += [("stage", s, "gpu", True) for s in (0, 1)]
+            if self.homes.config is not None:
+                place = "cpu" if self.delegate and tier != "gpu" else "gpu"
+                roles.append((f"dequant on {place}", 0, place, False))
+            for role, slot, place, stored in roles:
+                self._buffer(role, seg, slot, place, stored)
+
+    def _largest_segments(self) -> dict[str, Segment]:
+        """Tier -> one segment of the first layer with the most sequences on that tier."""
+        out: dict[str, Segment] = {}
+        for k in range(len(self.homes.ranges)):
+            for tier, seg in self.homes.segments[(0, k)].items():
+                if tier not in out or seg.seqs[1] - seg.seqs[0] > out[tier].seqs[1] - out[
+                        tier].seqs[0]:
+                    out[tier] = seg
+        return out
+
+    def _buffer(self, role: str, seg: Segment, slot: int, place: str, stored: bool) -> dict:
+        """Reusable arrays viewed as (S, n, ...) for a segment of n sequences.
+
+        Each array is one flat allocation sized for the tier's largest segment (all S
+        positions): GPU batches may hold different numbers of a tier's sequences, and a
+        token-major view must be contiguous for its own n, so it is not a slice of a
+        bigger (S, n_max, ...) array.
+        """
+        tier, n = seg.tier, seg.seqs[1] - seg.seqs[0]
         key = (role, tier, slot)
+        config = self.homes.config if stored else None
         if key not in self._buffers:
-            n = max(r[tier][1] - r[tier][0] for r in self.homes.ranges if tier in r)
-            config = self.homes.config if stored else None
-            shapes = stored_shapes(self.homes.S, n, self.homes.spec, self.dtype, config)
-            self._buffers[key] = {name: self.tiers.empty(place, shape, dtype,
+            n_max = max(r[tier][1] - r[tier][0] for r in self.homes.ranges if tier in r)
+            shapes = stored_shapes(self.homes.S, n_max, self.homes.spec, self.dtype, config)
+            self._buffers[key] = {name: self.tiers.empty(place, (math.prod(shape),), dtype,
                                                          f"cache: {role} {tier} {slot}")
                                   for name, (shape, dtype) in shapes.items()}
-        return self._buffers[key]
+        flat = self._buffers[key]
+        shapes = stored_shapes(self.homes.S, n, self.homes.spec, self.dtype, config)
+        return {name: flat[name][:math.prod(shape)].view(shape)
+                for name, (shape, _) in shapes.items()}
 
     def _segments(self, layer: int, batch: int) -> dict[str, Segment]:
         return self.homes.segments[(layer, batch)]
@@ -55,11 +96,11 @@ class CacheAttention:
         for tier, seg in self._segments(layer, batch).items():
             if tier == "gpu" or (self.delegate and tier == "cpu"):
                 continue  # read in place
-            bounce = self._buffer("bounce", tier, slot, "cpu", True) if tier == "disk" else None
+            bounce = self._buffer("bounce", seg, slot, "cpu", True) if tier == "disk" else None
             if self.delegate:  # disk rows land in a cpu workspace, next to the CPU attention
                 seg.read_prefix(bounce, past, links, token, None, False, self.load_names)
             else:
-                stage = self._buffer("stage", tier, slot, "gpu", True)
+                stage = self._buffer("stage", seg, slot, "gpu", True)
                 seg.read_prefix(stage, past, links, token, bounce, True, self.load_names)
 
     def _past(self, token: int) -> int:
@@ -108,10 +149,10 @@ class CacheAttention:
         if tier == "gpu":
             source = seg.arrays
         elif cpu_side:
-            source = seg.arrays if tier == "cpu" else self._buffer("bounce", tier, slot,
+            source = seg.arrays if tier == "cpu" else self._buffer("bounce", seg, slot,
                                                                    "cpu", True)
         else:
-            source = self._buffer("stage", tier, slot, "gpu", True)
+            source = self._buffer("stage", seg, slot, "gpu", True)
         if self.homes.config is None:
             writes = "kv" if tier == "gpu" or cpu_side else kinds  # homes get both rows
             for kv in writes:  # the exact new row joins the past in place
@@ -120,7 +161,7 @@ class CacheAttention:
             rows = [source[kv][:p + 1] if kv in kinds else None for kv in "kv"]
             return rows[0], rows[1], needs_store
         place = "cpu" if cpu_side else "gpu"
-        work = self._buffer(f"dequant on {place}", tier, 0, place, False)
+        work = self._buffer(f"dequant on {place}", seg, 0, place, False)
         past = self.homes.unpack(source, p, kinds)
         for kv, value in zip(kinds, past, strict=True):
             work[kv][:p].copy_(value)
@@ -145,7 +186,7 @@ class CacheAttention:
         names = [name for name in seg.shapes if name.startswith("v")]
         if tier == "disk":  # read each chosen position's row once, then pick the vectors
             positions = torch.unique(chosen.cpu())
-            bounce = self._buffer("bounce", tier, slot, "cpu", True)
+            bounce = self._buffer("bounce", seg, slot, "cpu", True)
             seg.read_rows(bounce, positions.tolist(), links, token, names)
             source = {name: bounce[name][:len(positions)] for name in names}
             chosen = torch.searchsorted(positions, chosen.cpu())
@@ -191,9 +232,9 @@ class CacheAttention:
               links: Links, token: int) -> None:
         """Write pending new rows (from attend or prefill_rows) to their cpu and disk homes."""
         for tier, (rows, on_cpu) in pending.items():
-            stage = self._buffer("store", tier, slot, "cpu", True) if tier == "disk" else None
-            self._segments(layer, batch)[tier].write_rows(rows, start, links, token, stage,
-                                                          on_cpu)
+            seg = self._segments(layer, batch)[tier]
+            stage = self._buffer("store", seg, slot, "cpu", True) if tier == "disk" else None
+            seg.write_rows(rows, start, links, token, stage, on_cpu)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,

@@ -159,16 +159,16 @@ def dequantize(c: Compressed, out: torch.Tensor | None = None) -> torch.Tensor:
         raise ValueError(f"dequantize out has shape {tuple(out.shape)} and dtype {out.dtype}; "
                          f"expected {c.shape} and {c.dtype}")
     ax = _axis(len(c.shape), c.config)
-    g, n = c.config.group_size, c.shape[ax]
+    g, n, num_groups = c.config.group_size, c.shape[ax], c.scale_min.shape[ax]
     codes = c.data.movedim(ax, -1)  # (*pre, *post, G * g * bits / 8)
     lead = codes.shape[:-1]
     if c.config.bits == 4:
         codes = torch.stack([codes >> 4, codes & 0x0F], dim=-1)  # (..., G * g / 2, 2)
-    codes = codes.reshape(*lead, -1, g)  # (*pre, *post, G, g)
+    codes = codes.reshape(*lead, num_groups, g)  # (*pre, *post, G, g); lead may hold a 0
     scale_min = c.scale_min.movedim((ax, ax + 1), (-2, -1)).float()  # (*pre, *post, G, 2)
     scale, low = scale_min[..., 0:1], scale_min[..., 1:2]
     x_hat = codes.float().div_(scale).add_(low)  # (*pre, *post, G, g)
-    x_hat = x_hat.reshape(*lead, -1)[..., :n].movedim(-1, ax)  # (*pre, n, *post)
+    x_hat = x_hat.reshape(*lead, num_groups * g)[..., :n].movedim(-1, ax)  # (*pre, n, *post)
     if out is None:
         return x_hat.to(c.dtype).contiguous()
     return out.copy_(x_hat)

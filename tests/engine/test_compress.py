@@ -79,6 +79,15 @@ def test_head_dim_smaller_than_group_is_finite():
     assert (x_hat[0, 0, 0] == 1.25).all()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_empty_tensors_round_trip(bits):
+    """Sparse attention may keep no past position at all (int(sparsity x p) = 0)."""
+    for shape, dim in (((2, 4, 0, 16), -1), ((0, 8), 0), ((3, 0), 0)):
+        x = torch.randn(shape)
+        x_hat = roundtrip(x, CompressionConfig(bits=bits, group_size=6, group_dim=dim))
+        assert x_hat.shape == x.shape
+
+
 def test_storage_sizes_for_a_concrete_shape():
     x = torch.randn(100, 48, dtype=torch.float16)
     c4 = quantize(x, CompressionConfig(bits=4, group_size=64, group_dim=0))
