@@ -32,6 +32,12 @@ class ActivationHomes:
         for k, ranges in enumerate(self.ranges):
             self._allocate(k, ranges, disk_dir)
         self._slots: dict[str, torch.Tensor] = {}
+        if not self.resident:  # made now, so the accounting holds them from the start
+            for name, tier in (("load 0", "gpu"), ("load 1", "gpu")):
+                self._slot(name, tier)
+            if self.disk:
+                for name in ("store bounce", "load bounce 0", "load bounce 1"):
+                    self._slot(name, "cpu")
 
     def _allocate(self, k: int, ranges: dict, disk_dir) -> None:
         for tier, (a, b) in ranges.items():
@@ -64,7 +70,7 @@ class ActivationHomes:
             elif tier == "cpu":
                 links.copy(self.cpu[k][:rows.numel()].view(rows.shape), rows, "gpu_to_cpu", token)
             else:
-                bounce = self._slot("store bounce", "cpu", rows.numel())[:rows.numel()]
+                bounce = self._slot("store bounce", "cpu")[:rows.numel()]
                 bounce = bounce.view(rows.shape)
                 links.copy(bounce, rows, "gpu_to_cpu", token)
                 links.write(self.disk[k], 0, bounce, token)
@@ -75,7 +81,7 @@ class ActivationHomes:
             return self.live[k]
         shape = (self.batch_size, tokens, self.hidden)
         numel = self.batch_size * tokens * self.hidden
-        out = self._slot(f"load {slot}", "gpu", numel)[:numel].view(shape)
+        out = self._slot(f"load {slot}", "gpu")[:numel].view(shape)
         for tier, (a, b) in self.ranges[k].items():
             rows = out[a:b]
             if tier == "gpu":
@@ -83,13 +89,13 @@ class ActivationHomes:
             elif tier == "cpu":
                 links.copy(rows, self.cpu[k][:rows.numel()].view(rows.shape), "cpu_to_gpu", token)
             else:
-                bounce = self._slot(f"load bounce {slot}", "cpu", rows.numel())
+                bounce = self._slot(f"load bounce {slot}", "cpu")
                 bounce = bounce[:rows.numel()].view(rows.shape)
                 links.read(self.disk[k], 0, bounce, token)
                 links.copy(rows, bounce, "cpu_to_gpu", token)
         return out
 
-    def _slot(self, name: str, tier: str, numel: int) -> torch.Tensor:
+    def _slot(self, name: str, tier: str) -> torch.Tensor:
         """A reusable flat buffer sized for the largest use (prefill rows of a full batch)."""
         if name not in self._slots:
             elems = self.batch_size * self.row_elems

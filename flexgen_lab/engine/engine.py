@@ -156,6 +156,7 @@ class BlockRun:
         self.attention = CacheAttention(self.cache, engine.tiers, p.cpu_delegation,
                                         p.attn_sparsity, p.attn_renormalize)
         self.attention.start_block(self.prompt_len)
+        self.attention.reserve_buffers(gen_len)
         self.executor = Executor(p.overlap, trace=self._trace)
         self.weight_jobs: dict[tuple[int, int], tuple[Future, dict]] = {}
         self.cache_jobs: dict[tuple[int, int], tuple[Future, int]] = {}
@@ -274,8 +275,8 @@ class BlockRun:
         start = time.perf_counter()
         w = self.e.weights.compute_view(op.layer, weights.get("buffers"))
         batch = self.batches[op.batch]
-        need = step_workspace_bytes(self.e.spec, batch.ids.shape[0],
-                                    batch.window(op.token)[1], batch.window(op.token)[0] + 1,
+        first, tokens = batch.window(op.token)  # queries attend over first + tokens keys
+        need = step_workspace_bytes(self.e.spec, batch.ids.shape[0], tokens, first + tokens,
                                     self.e.dtype) + self.e.weights.dequant_bytes(op.layer)
         with self.e.tiers["gpu"].hold(need, "workspace: compute step"):
             self._cell(op, w, batch, cache_slot)

@@ -145,14 +145,30 @@ class WeightHomes:
         for part, layer in part_names(spec):
             tensors = source.part(part, layer, dtype)
             key = part_key(part, layer)
-            self.parts.append(PartHome({
-                name: self._home(key, name, tensor, share, cache)
-                for name, tensor in tensors.items()}))
+            # the source's copy of the part sits in host memory while its homes fill
+            placing = sum(t.nbytes for t in tensors.values())
+            with tiers["cpu"].hold(placing, f"weights: placing {key}"):
+                self.parts.append(PartHome({
+                    name: self._home(key, name, tensor, share, cache)
+                    for name, tensor in tensors.items()}))
         if spec.tie_embeddings:  # one home, loaded by both ends (the original stored two)
             embedding = self.parts[0].tensors["embed_tokens.weight"]
             self.parts[-1].tensors["embed_tokens.weight"] = embedding
         self._slots: dict[tuple[str, int], dict] = {}
         self._stages: dict[tuple[str, int], torch.Tensor] = {}
+        self._reserve_slots()
+
+    def _reserve_slots(self) -> None:
+        """Every compute-side slot and cpu stage a load will use, made now: the first of each
+        kind of part (decoder layers alike) gets its slots (two for decoder layers, which
+        alternate), so the accounting holds them from the start and a plan that cannot fit
+        fails before generating."""
+        firsts = {self.kind(i): i for i in reversed(range(len(self.parts)))}
+        for kind, index in firsts.items():
+            if not self.parts[index].resident:
+                for slot in range(2 if kind == "layer" else 1):
+                    self._slot(index, slot)
+                    self._stage(index, slot)
 
     def _home(self, key, name, tensor, share, cache) -> TensorHome:
         arrays = {}

@@ -12,17 +12,21 @@ Compressed weights and cache count their packed sizes, plus the dequantised copi
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
+from flexgen_lab.engine.cache_homes import stored_shapes
 from flexgen_lab.engine.compress import CompressionConfig, compressed_nbytes
 from flexgen_lab.engine.disk import ALIGN
 from flexgen_lab.engine.placement import batch_ranges, split_units
 from flexgen_lab.engine.policy import Policy
+from flexgen_lab.engine.tiers import nbytes_of
 from flexgen_lab.engine.workspace import step_workspace_bytes
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import part_shapes
+from flexgen_lab.planner.traffic import stored_forms
 
 DTYPES = {2: torch.float16, 4: torch.float32}
 # fraction variables, in the paper's names: weights w*, cache c*, activations h*
@@ -71,18 +75,30 @@ def part_bytes(spec: ModelSpec, part: str, dtype, config) -> tuple[int, int]:
 
 def memory_terms(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
                  dtype_bytes: int, offloaded_weights: bool = True,
-                 offloaded_cache: bool = True, offloaded_acts: bool = True,
-                 exact: bool = False) -> dict[str, Linear]:
-    """Peak bytes per tier; offloaded_* say whether that kind may leave the gpu tier (slots
-    and staging exist only then); exact sizes per-batch buffers for this very policy."""
+                 offloaded_cache: bool = True, offloaded_acts: bool = True) -> dict[str, Linear]:
+    """Peak bytes per tier, linear in the placement fractions (the LP's view; peak_bytes is
+    the exact figure of one concrete policy); offloaded_* say whether that kind may leave the
+    gpu tier (slots and staging exist only then)."""
     dtype = DTYPES[dtype_bytes]
     out = {tier: Linear() for tier in ("gpu", "cpu", "disk")}
     _weights(out, spec, policy, dtype, offloaded_weights)
-    _cache(out, spec, policy, prompt_len + gen_len - 1, dtype, offloaded_cache, exact)
+    _cache(out, spec, policy, prompt_len + gen_len - 1, dtype, offloaded_cache)
     _activations(out, spec, policy, prompt_len, dtype, offloaded_acts)
     out["gpu"].add(None, step_workspace_bytes(spec, policy.gpu_batch_size, prompt_len,
                                               prompt_len, dtype))
     return out
+
+
+def placing_terms(spec: ModelSpec, policy: Policy, dtype_bytes: int) -> Linear:
+    """cpu bytes while weights are placed, linear: the cpu homes of every part (wc x total,
+    an upper bound of the homes filled so far) plus the source's copy of the largest part."""
+    dtype = DTYPES[dtype_bytes]
+    homes, term = Linear(), Linear()
+    _weights({"gpu": Linear(), "cpu": homes, "disk": Linear()}, spec, policy, dtype, False)
+    term.coef["wc"] = homes.coef.get("wc", 0.0)
+    term.const = max(sum(nbytes_of(shape, dtype) for shape in part_shapes(spec, p).values())
+                     for p in ("embed", "layer", "head"))
+    return term
 
 
 def _weights(out, spec, policy, dtype, offloaded) -> None:
@@ -107,7 +123,7 @@ def _weights(out, spec, policy, dtype, offloaded) -> None:
     out["cpu"].add(None, 4 * ALIGN)
 
 
-def _cache(out, spec, policy, positions, dtype, offloaded, exact) -> None:
+def _cache(out, spec, policy, positions, dtype, offloaded) -> None:
     b, block = policy.gpu_batch_size, policy.block_size
     if policy.compress_cache:
         config = CompressionConfig(policy.compress_bits, policy.compress_group_size, -1)
@@ -120,33 +136,17 @@ def _cache(out, spec, policy, positions, dtype, offloaded, exact) -> None:
         out[tier].add(var, home)
     if not offloaded:
         return
-    # per-batch buffers hold a tier's largest segment: share x gbs sequences in the LP's
-    # linear view, the exact ceil(share x gbs) for a concrete policy
-    seqs = _largest_segments(policy) if exact else None
-    for tier, var in (("cpu", "cc"), ("disk", "cd")):
+    # per-batch buffers hold a tier's largest segment: share x gbs sequences in this linear
+    # view (the engine's is ceil(share x gbs): peak_bytes has it exactly)
+    for var in ("cc", "cd"):
         if not policy.cpu_delegation:  # two staging slots per off-gpu tier
-            _add(out["gpu"], var, seqs, tier, 2 * per_seq, b)
-    _add(out["cpu"], "cd", seqs, "disk", 4 * per_seq, b)  # read bounce + store stage
-    if policy.compress_cache:  # dequantised k, v of one segment, where attention runs
+            out["gpu"].add(var, 2 * b * per_seq)
+    out["cpu"].add("cd", 4 * b * per_seq)  # read bounce + store stage
+    if policy.compress_cache:  # dequantised k, v of each tier's segment, where it attends
         plain = 2 * positions * spec.kv_dim * dtype.itemsize * b
-        out["cpu" if policy.cpu_delegation else "gpu"].add(None, plain)
-
-
-def _largest_segments(policy: Policy) -> dict[str, int]:
-    """Tier -> the most sequences any GPU batch holds there (as the engine deals them)."""
-    split = split_units(policy.block_size, policy.cache)
-    out: dict[str, int] = {}
-    for k in range(policy.num_gpu_batches):
-        for tier, (a, b) in batch_ranges(split, k, policy.gpu_batch_size).items():
-            out[tier] = max(out.get(tier, 0), b - a)
-    return out
-
-
-def _add(term: Linear, var: str, seqs: dict | None, tier: str, per_seq: float, b: int) -> None:
-    if seqs is None:
-        term.add(var, b * per_seq)
-    else:
-        term.add(None, seqs.get(tier, 0) * per_seq)
+        out["gpu"].add("cg", plain)
+        for var in ("cc", "cd"):
+            out["cpu" if policy.cpu_delegation else "gpu"].add(var, plain)
 
 
 def _activations(out, spec, policy, prompt_len, dtype, offloaded) -> None:
@@ -162,8 +162,151 @@ def _activations(out, spec, policy, prompt_len, dtype, offloaded) -> None:
 
 def peak_bytes(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
                dtype_bytes: int) -> dict[str, float]:
-    """Tier -> modelled peak bytes of one concrete policy (buffers exist only for what moves)."""
-    terms = memory_terms(spec, policy, prompt_len, gen_len, dtype_bytes,
-                         not policy.weights.all_gpu, not policy.cache.all_gpu,
-                         not policy.activations.all_gpu, exact=True)
-    return {tier: term.at(policy) for tier, term in terms.items()}
+    """Tier -> the peak bytes the engine accounts for this concrete policy, item by item as
+    the engine makes them: homes split as placement.py splits them (disk cache files rounded
+    to 4 KiB per array), compute-side slots and cpu stages of offloaded weights, cache staging,
+    bounce and dequantisation buffers sized for a tier's largest segment, activation slots,
+    and the largest step's intermediates. Everything but the intermediates is made before
+    generating, so the peak is their sum plus the widest step (on the cpu tier, or the peak
+    while placing the weights, if that is higher)."""
+    dtype = DTYPES[dtype_bytes]
+    total: Counter = Counter()
+    total.update(_weight_items(spec, policy, dtype))
+    total.update(_cache_items(spec, policy, prompt_len, gen_len, dtype))
+    total.update(_activation_items(spec, policy, prompt_len, dtype))
+    total["gpu"] += _widest_step(spec, policy, prompt_len, gen_len, dtype)
+    total["cpu"] = max(total["cpu"], _placing_peak(spec, policy, dtype))
+    return {tier: float(total[tier]) for tier in ("gpu", "cpu", "disk")}
+
+
+def _placing_peak(spec: ModelSpec, policy: Policy, dtype) -> int:
+    """cpu bytes while weights are placed: the homes filled so far plus the source's copy of
+    the part being placed (embedding, each decoder layer, head in turn)."""
+    homes, peak = 0, 0
+    for part, count in (("embed", 1), ("layer", spec.num_layers), ("head", 1)):
+        home = sum(dict(a.tier_bytes).get("cpu", 0)
+                   for a in _part_arrays(spec, part, policy, dtype, loaded=False))
+        source = sum(nbytes_of(shape, dtype) for shape in part_shapes(spec, part).values())
+        homes += count * home  # the last part of a kind is the widest point
+        peak = max(peak, homes + source)
+    return peak
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """One stored array of a weight tensor (its value, or compressed codes / scales)."""
+
+    nbytes: int
+    tier_bytes: tuple[tuple[str, int], ...]
+    compressed: bool
+
+    @property
+    def only_gpu(self) -> bool:
+        return [tier for tier, _ in self.tier_bytes] == ["gpu"]
+
+
+def _part_arrays(spec: ModelSpec, part: str, policy: Policy, dtype,
+                 loaded: bool = True) -> list[StoredArray]:
+    """A part's stored arrays as weight_homes splits them; `loaded`: as its load assembles
+    them (the head with a tied embedding loads that again), else its own homes."""
+    config = (CompressionConfig(policy.compress_bits, policy.compress_group_size, 0)
+              if policy.compress_weight else None)
+    shapes = dict(part_shapes(spec, part))
+    if part == "head" and spec.tie_embeddings and loaded:
+        shapes["embed_tokens.weight"] = (spec.vocab, spec.hidden)
+    out = []
+    for shape in shapes.values():
+        stored = stored_forms(shape, dtype, config)
+        for array_shape, array_dtype, rows_per_unit in stored:
+            units = -(-array_shape[0] // rows_per_unit)
+            row_bytes = nbytes_of(array_shape[1:], array_dtype)
+            tiers = tuple((tier, (min(b * rows_per_unit, array_shape[0]) - a * rows_per_unit)
+                           * row_bytes)
+                          for tier, (a, b) in split_units(units, policy.weights).ranges().items())
+            out.append(StoredArray(nbytes_of(array_shape, array_dtype), tiers, len(stored) > 1))
+    return out
+
+
+def _weight_items(spec: ModelSpec, policy: Policy, dtype) -> Counter:
+    """Homes (a tied embedding once), then per kind of part that is not resident: its
+    compute-side slots (two for decoder layers) and cpu stages for its disk rows."""
+    out: Counter = Counter()
+    for part, count in (("embed", 1), ("layer", spec.num_layers), ("head", 1)):
+        for array in _part_arrays(spec, part, policy, dtype, loaded=False):
+            for tier, nbytes in array.tier_bytes:
+                out[tier] += count * nbytes
+        arrays = _part_arrays(spec, part, policy, dtype)
+        if all(a.only_gpu and not a.compressed for a in arrays):
+            continue  # resident: compute reads the homes
+        slots = 2 if part == "layer" else 1
+        out["gpu"] += slots * sum(a.nbytes for a in arrays if not a.only_gpu)
+        disk = max(dict(a.tier_bytes).get("disk", 0) for a in arrays)
+        if disk:
+            out["cpu"] += slots * (disk + ALIGN)  # slack to match a file offset's alignment
+    return out
+
+
+def _cache_items(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
+                 dtype) -> Counter:
+    """Every (layer, batch) segment at home, then the block's buffers (attention.py
+    reserve_buffers), each sized for its tier's largest segment."""
+    config = (CompressionConfig(policy.compress_bits, policy.compress_group_size, -1)
+              if policy.compress_cache else None)
+    S = prompt_len + gen_len - 1
+    out: Counter = Counter()
+    largest: dict[str, int] = {}
+    split = split_units(policy.block_size, policy.cache)
+    for k in range(policy.num_gpu_batches):
+        for tier, (a, b) in batch_ranges(split, k, policy.gpu_batch_size).items():
+            sizes = [nbytes_of(*shape) for shape in
+                     stored_shapes(S, b - a, spec, dtype, config).values()]
+            if tier == "disk":  # each array's file region starts on a 4 KiB boundary
+                sizes = [-(-n // ALIGN) * ALIGN for n in sizes]
+            out[tier] += spec.num_layers * sum(sizes)
+            largest[tier] = max(largest.get(tier, 0), b - a)
+    if gen_len < 2:
+        return out  # nothing is stored for later or read back
+    for tier, n in largest.items():
+        stored = sum(nbytes_of(*x) for x in stored_shapes(S, n, spec, dtype, config).values())
+        if tier == "disk":
+            out["cpu"] += 4 * stored  # two store stages, two read bounces
+        if tier != "gpu" and not policy.cpu_delegation:
+            out["gpu"] += 2 * stored  # two staging slots
+        if config is not None:
+            plain = sum(nbytes_of(*x) for x in stored_shapes(S, n, spec, dtype, None).values())
+            out["cpu" if policy.cpu_delegation and tier != "gpu" else "gpu"] += plain
+    return out
+
+
+def _activation_items(spec: ModelSpec, policy: Policy, prompt_len: int, dtype) -> Counter:
+    """Homes sized for prefill, then two load slots and, with disk rows, three bounces."""
+    per_seq = prompt_len * spec.hidden * dtype.itemsize
+    split = split_units(policy.block_size, policy.activations)
+    out = Counter({"gpu": split.gpu * per_seq, "cpu": split.cpu * per_seq,
+                   "disk": split.disk * per_seq})
+    if split.gpu < policy.block_size:
+        out["gpu"] += 2 * policy.gpu_batch_size * per_seq
+        if split.disk:
+            out["cpu"] += 3 * policy.gpu_batch_size * per_seq
+    return out
+
+
+def _widest_step(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
+                 dtype) -> int:
+    """The largest compute step's intermediates: prefill, or the last decode step (most
+    keys), plus the largest part's dequantised weights when weights are compressed."""
+    b, S = policy.gpu_batch_size, prompt_len + gen_len - 1
+    widest = step_workspace_bytes(spec, b, prompt_len, prompt_len, dtype)
+    if gen_len > 1:
+        widest = max(widest, step_workspace_bytes(spec, b, 1, S, dtype))
+    if policy.compress_weight:
+        widest += max(sum(nbytes_of(shape, dtype) for shape in _compressed_shapes(spec, part))
+                      for part in ("embed", "layer", "head"))
+    return widest
+
+
+def _compressed_shapes(spec: ModelSpec, part: str) -> list[tuple]:
+    shapes = [shape for shape in part_shapes(spec, part).values() if len(shape) >= 2]
+    if part == "head" and spec.tie_embeddings:
+        shapes.append((spec.vocab, spec.hidden))
+    return shapes

@@ -49,7 +49,7 @@ def _part_tier_bytes(spec: ModelSpec, part: str, share: Placement, dtype: torch.
         shapes["embed_tokens.weight"] = (spec.vocab, spec.hidden)
     tiers: Counter = Counter()
     for shape in shapes.values():
-        for array_shape, array_dtype, rows_per_unit in _stored(shape, dtype, config):
+        for array_shape, array_dtype, rows_per_unit in stored_forms(shape, dtype, config):
             units = -(-array_shape[0] // rows_per_unit)
             row_bytes = nbytes_of(array_shape[1:], array_dtype)
             for tier, (a, b) in split_units(units, share).ranges().items():
@@ -58,7 +58,7 @@ def _part_tier_bytes(spec: ModelSpec, part: str, share: Placement, dtype: torch.
     return tuple(tiers.items())
 
 
-def _stored(shape, dtype, config):
+def stored_forms(shape, dtype, config):
     """(array shape, dtype, rows per unit) of a tensor's stored form (as weight_homes)."""
     if config is None or len(shape) < 2:
         return [(shape, dtype, 1)]

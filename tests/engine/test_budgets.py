@@ -93,26 +93,32 @@ spec = ModelSpec(name="wide", family="opt", num_layers=6, hidden=512, num_heads=
 place = Placement(0, 0) if sys.argv[1] == "disk" else Placement(0, 1)
 before = rss_anon()
 with Engine(spec, DummyWeights(spec, 0), Policy(weights=place), offload_dir=sys.argv[2]) as e:
-    print(rss_anon() - before, e.placed["weights"].get(sys.argv[1], 0), spec.weight_bytes(4))
+    accounted = e.tiers["gpu"].used + e.tiers["cpu"].used  # homes, slots, stages
+    print(rss_anon() - before, accounted, e.placed["weights"].get(sys.argv[1], 0),
+          spec.weight_bytes(4))
 """
 
 
-def anon_growth(tier: str, offload_dir) -> tuple[int, int, int]:
-    """(anonymous memory grown, bytes placed on `tier`, weight bytes), in a fresh process so
-    no earlier test's freed-but-kept heap hides or inflates the figure."""
+def anon_growth(tier: str, offload_dir) -> tuple[int, int, int, int]:
+    """(anonymous memory grown, bytes accounted on the gpu and cpu tiers, bytes placed on
+    `tier`, weight bytes), in a fresh process so no earlier test's freed-but-kept heap hides
+    or inflates the figure."""
     out = subprocess.run([sys.executable, "-c", MEASURE_ANON, tier, str(offload_dir)],
                          capture_output=True, text=True, timeout=120, check=True)
-    grown, placed, total = (int(x) for x in out.stdout.split())
-    return grown, placed, total
+    grown, accounted, placed, total = (int(x) for x in out.stdout.split())
+    return grown, accounted, placed, total
 
 
 def test_disk_resident_weights_live_in_files_not_in_memory(tmp_path):
-    grown, placed, total = anon_growth("disk", tmp_path)
+    grown, accounted, placed, total = anon_growth("disk", tmp_path)
     assert placed == total  # about 77 MB of float32 weights, all on the disk tier
     files = sum(p.stat().st_size for p in (tmp_path / "weight_cache").rglob("*.bin"))
     assert files >= total
-    assert grown < 0.25 * total, f"{grown} bytes of anonymous memory for disk weights"
-    cpu_grown, _, _ = anon_growth("cpu", tmp_path)  # the same weights on the cpu tier do show
+    # what memory holds is the accounted working set (two layer slots, embedding and head
+    # slots, cpu stages for disk rows: 38 MB), not the weights
+    assert accounted < 0.6 * total
+    assert grown < accounted + 0.1 * total, f"{grown} bytes of anonymous memory"
+    cpu_grown, _, _, _ = anon_growth("cpu", tmp_path)  # the same weights on the cpu tier show
     assert cpu_grown > 0.9 * total
 
 
