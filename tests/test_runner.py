@@ -9,8 +9,12 @@ import torch
 
 from flexgen_lab.config import ConfigError, RunConfig
 from flexgen_lab.engine.engine import Callbacks
+from flexgen_lab.hardware.profile import HardwareProfile
+from flexgen_lab.models.spec import ModelSpec
+from flexgen_lab.planner.memory_model import peak_bytes
+from flexgen_lab.planner.search import search
 from flexgen_lab.results.store import ResultStore
-from flexgen_lab.runner import RunFailed, config_hash, run
+from flexgen_lab.runner import RunFailed, config_hash, run, to_policy
 
 
 def tiny_config(tmp_path, **workload) -> RunConfig:
@@ -166,14 +170,21 @@ def test_policy_search_runs_the_searched_policy_and_keeps_the_requested_hash(tmp
         run(cfg)  # hardware=local has capacities but no speeds
     for key, rate in SPEEDS:
         setattr(cfg.hardware, key, rate)
-    cfg.hardware.gpu_mem = "1.5MiB"  # too little for opt-tiny's weights and its staging
+    cfg.hardware.gpu_mem = "0.95MiB"  # the requested block of 3 x 2, resident, needs more
+    spec, budget = ModelSpec.from_name("opt-tiny"), 0.95 * 2**20
+    assert peak_bytes(spec, to_policy(cfg), 16, 8, 4)["gpu"] > budget
     cfg.engine.offload_dir = str(tmp_path / "offload")
     asked = config_hash(cfg, "float32")
     result = run(cfg)
     row = ResultStore(cfg.store.path).runs().iloc[-1]
     assert row.status == "ok" and row.config_hash == asked
-    assert row.w_gpu < 1 and row.predicted_generation_throughput > 0
-    assert row.peak_gpu_bytes <= 1.5 * 2**20
+    expected = search(spec, HardwareProfile.from_config(cfg.hardware), 16, 8, 4, to_policy(cfg),
+                      delegation=None).policy
+    assert (row.gpu_batch_size, row.num_gpu_batches) == (expected.gpu_batch_size,
+                                                         expected.num_gpu_batches)
+    assert (row.w_gpu, row.c_gpu, row.a_gpu) == pytest.approx(
+        (expected.weights.gpu, expected.cache.gpu, expected.activations.gpu))
+    assert row.predicted_generation_throughput > 0 and row.peak_gpu_bytes <= budget
     assert result.generation.output_ids.shape[0] == row.num_prompts
 
 

@@ -28,7 +28,7 @@ from flexgen_lab.planner.cost_model import (
     predict,
     window_compute_seconds,
 )
-from flexgen_lab.planner.memory_model import VARIABLES, memory_terms, peak_bytes
+from flexgen_lab.planner.memory_model import VARIABLES, memory_terms, peak_bytes, placing_terms
 from flexgen_lab.planner.traffic import WINDOWS, window_bytes
 
 KINDS = {"weights": "w", "cache": "c", "activations": "h"}
@@ -71,22 +71,76 @@ def link_coefficients(spec, policy, schedule, s, n, q) -> dict:
     return coef
 
 
+FIT_ATTEMPTS = 4
+FIT_SLACK = 1e-3  # of a tier's limit, taken off with each retry
+RESIDENT = Placement(1, 0)
+
+
 def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile, s: int,
           n: int, q: int) -> Policy | None:
     """The best placement for a fixed (gbs, ngb, delegation, compression); None if none fits.
 
-    Minimises prefill + decode time, each the sum over windows of T_w >= every link term and
-    the compute of window w (overlap), or the sum of all terms (no overlap): the cost model's
-    predict, written as a linear program."""
+    The general LP keeps room for the slots and staging of every kind of tensor it may
+    offload; a kind left wholly on the gpu tier needs none, so when the general answer keeps
+    most weights there (or finds nothing) the LP with the weights pinned there is solved too,
+    and the all-resident policy is a candidate of its own. The fastest by the cost model wins.
+    """
+    limit = {tier: capacity * profile.safety_factor
+             for tier, capacity in (("gpu", profile.gpu_mem), ("cpu", profile.cpu_mem),
+                                    ("disk", profile.disk_mem))}
+    general = _fit(spec, policy, schedule, profile, s, n, q, limit, ())
+    candidates = [general]
+    if general is None or general.weights.gpu > 0.9:
+        candidates.append(_fit(spec, policy, schedule, profile, s, n, q, limit, ("weights",)))
+    resident = dataclasses.replace(policy, weights=RESIDENT, cache=RESIDENT,
+                                   activations=RESIDENT)
+    if _fits(spec, resident, s, n, q, limit):
+        candidates.append(resident)
+    candidates = [c for c in candidates if c is not None]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda c: predict(spec, c, schedule, profile, s, n,
+                                                 q).generation_throughput)
+
+
+def _fits(spec, policy, s, n, q, limit) -> bool:
+    return all(peak <= limit[tier] for tier, peak in peak_bytes(spec, policy, s, n, q).items())
+
+
+def _fit(spec, policy, schedule, profile, s, n, q, limit, pinned) -> Policy | None:
+    """The LP's answer, checked against the exact peak (memory_model.peak_bytes): the LP sees
+    memory linearly (a share x of b sequences), the engine rounds to whole sequences, rows and
+    disk blocks, so a tier the answer overshoots is tightened and solved again."""
+    lp_limit = dict(limit)
+    for _ in range(FIT_ATTEMPTS):
+        found = _solve_lp(spec, policy, schedule, profile, s, n, q, lp_limit, pinned)
+        if found is None:
+            return None
+        over = {tier: peak - limit[tier] for tier, peak in
+                peak_bytes(spec, found, s, n, q).items() if peak > limit[tier]}
+        if not over:
+            return found
+        # rounding moves with the answer, so tighten by more than the overshoot
+        lp_limit = {tier: value - 2 * over[tier] - FIT_SLACK * limit[tier] if tier in over
+                    else value for tier, value in lp_limit.items()}
+    return None
+
+
+def _solve_lp(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile, s: int,
+              n: int, q: int, limit: dict[str, float], pinned: tuple[str, ...]) -> Policy | None:
+    """Minimises prefill + decode time, each the sum over windows of T_w >= every link term
+    and the compute of window w (overlap), or the sum of all terms (no overlap): the cost
+    model's predict, written as a linear program; memory per tier at most `limit` bytes;
+    the kinds in `pinned` stay wholly on the gpu tier (and need no offloading buffers)."""
     prob = pulp.LpProblem("placement", pulp.LpMinimize)
     x = {v: pulp.LpVariable(v, 0, 1) for v in VARIABLES}
-    for prefix in KINDS.values():
+    for kind, prefix in KINDS.items():
         prob += x[f"{prefix}g"] + x[f"{prefix}c"] + x[f"{prefix}d"] == 1
-    memory = memory_terms(spec, policy, s, n, q)
-    capacity = {"gpu": profile.gpu_mem, "cpu": profile.cpu_mem, "disk": profile.disk_mem}
-    for tier, term in memory.items():
-        prob += (term.const + pulp.lpSum(c * x[v] for v, c in term.coef.items())
-                 <= capacity[tier] * profile.safety_factor)
+        if kind in pinned:
+            prob += x[f"{prefix}g"] == 1
+    memory = memory_terms(spec, policy, s, n, q, *(kind not in pinned for kind in KINDS))
+    for tier, term in [*memory.items(), ("cpu", placing_terms(spec, policy, q))]:
+        prob += term.const + pulp.lpSum(c * x[v] for v, c in term.coef.items()) <= limit[tier]
     coef = link_coefficients(spec, policy, schedule, s, n, q)
     compute = _compute_exprs(spec, policy, profile, s, n, q, x)
     total = []
