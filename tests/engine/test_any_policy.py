@@ -143,11 +143,38 @@ def test_any_policy_fuzz(run):
     check_run(run)
 
 
-REGRESSIONS = {
+DISK = Placement(0, 0)
+REGRESSIONS = {  # what the fuzz run found before the fix, shrunk by hypothesis
     # the report: 32 sequences, cache 40 % cpu / 60 % disk, 4 batches of 8 get 3 or 4
     # cpu sequences each; staging sized for 4 was read into as if it held 3
     "uneven cache segments": Run("opt-tiny", Policy(gpu_batch_size=8, num_gpu_batches=4,
                                                     cache=Placement(0, 0.4))),
+    # "size of tensor a (5) must match ... (4) at dimension 1": 20 sequences, one on the cpu
+    "one cpu sequence in 4 x 5": Run("opt-tiny", Policy(
+        gpu_batch_size=5, num_gpu_batches=4, weights=DISK, cache=Placement(0, 0.03),
+        activations=DISK, overlap=False), prompt_len=1, gen_len=2, varied_lengths=False),
+    # "... (2) must match ... (3) at dimension 0"
+    "one cpu sequence in 2 x 2": Run("opt-tiny", Policy(
+        gpu_batch_size=2, num_gpu_batches=2, weights=DISK, cache=Placement(0, 0.13),
+        activations=DISK, overlap=False), prompt_len=1, gen_len=2, varied_lengths=False),
+    # "write of 4608 bytes at offset 4096 falls outside ... (size 8192 bytes)": one new row
+    # broadcast into a store stage sized for two disk sequences
+    "disk write past a segment": Run("opt-tiny", Policy(
+        gpu_batch_size=2, num_gpu_batches=3, weights=DISK, cache=Placement(0, 0.09),
+        activations=DISK, overlap=False), prompt_len=9, gen_len=2, varied_lengths=False),
+    # "cannot reshape tensor of 0 elements": int(0.5 x 1) = 0 past positions kept, compressed
+    "sparse keeps nothing, compressed": Run("opt-tiny", Policy(
+        gpu_batch_size=1, weights=DISK, cache=DISK, activations=DISK, overlap=False,
+        attn_sparsity=0.5, compress_cache=True, compress_group_size=2), prompt_len=1,
+        gen_len=2, varied_lengths=False),
+    # "IndexError: index 1 is out of bounds for dimension 1 with size 1" (not shrunk)
+    "sparse gather, uneven segments": Run("llama-tiny", Policy(
+        gpu_batch_size=3, num_gpu_batches=3, weights=Placement(0, 0.77),
+        cache=Placement(0.42, 0.30540398872878416),
+        activations=Placement(0.30004235058274303, 0.5669656960279782), cpu_delegation=True,
+        attn_sparsity=0.7102452587929426, attn_renormalize=True, compress_cache=True,
+        compress_bits=8), prompt_len=8, gen_len=4, num_blocks=2, prompt_seed=1,
+        varied_lengths=False),
 }
 
 
