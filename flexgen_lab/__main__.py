@@ -10,6 +10,8 @@
     python -m flexgen_lab search model=opt-30b hardware=t4-paper workload=paper-512
     python -m flexgen_lab calibrate [name=calibrated] [quick=true]    # writes a profile
     python -m flexgen_lab calibrate fit=true name=calibrated   # refines it from stored runs
+    python -m flexgen_lab reproduce experiment=table4 backend=simulated   # a paper table
+    python -m flexgen_lab plot experiment=table4 backend=simulated        # its figures
 
 Hydra reads conf/ at the repository's top level (found from this file, so any working
 directory works for source and editable installs); `--config-dir DIR` adds another directory
@@ -21,22 +23,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from flexgen_lab.compose import (  # noqa: F401  (re-exported for scripts and tests)
+    CONF_DIR,
+    compose_run_config,
+    ensure_user_config_dir,
+    load_profile,
+    to_run_config,
+)
+
 COMMANDS = ("run", "table", "search", "reproduce", "plot", "calibrate")
-NOT_BUILT = {
-    "reproduce": "experiment reproduction",
-    "plot": "plots",
-}
-
-
-def _ensure_user_config_dir() -> None:
-    """Hydra searches the calibrated-profiles directory; make it so it never warns."""
-    from flexgen_lab.hardware.calibrate import user_config_dir
-
-    try:
-        (user_config_dir() / "hardware").mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only home: Hydra then warns once, which is harmless
-        pass
+NOT_BUILT: dict[str, str] = {}
 
 
 def _usage() -> str:
@@ -53,40 +49,6 @@ def _in_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def to_run_config(cfg):
-    """The composed DictConfig -> a plain RunConfig; keys outside the schema are refused."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from flexgen_lab.config import ConfigError, RunConfig
-
-    unknown = _unknown_keys(OmegaConf.to_container(cfg, resolve=False), RunConfig)
-    if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(unknown)} "
-                          "(see `python -m flexgen_lab run --cfg job` for the valid keys)")
-    try:
-        return OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as err:
-        raise ConfigError(str(err).splitlines()[0]) from None
-
-
-def _unknown_keys(data: dict, schema, prefix: str = "") -> list[str]:
-    """Keys in `data` that the dataclass `schema` does not declare (e.g. from `+key=value`)."""
-    import dataclasses
-
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    unknown = []
-    for key, value in data.items():
-        if key not in fields:
-            unknown.append(f"{prefix}{key}")
-            continue
-        factory = fields[key].default_factory
-        child = factory() if callable(factory) else None
-        if isinstance(value, dict) and dataclasses.is_dataclass(child):
-            unknown += _unknown_keys(value, type(child), f"{prefix}{key}.")
-    return unknown
 
 
 def _run_task(cfg) -> dict:
@@ -228,25 +190,6 @@ def calibrate_command(args: list[str]) -> None:
     print(f"wrote {path}; use it with hardware={options['name']}")
 
 
-def compose_run_config(overrides: list[str]):
-    """The RunConfig `run OVERRIDES` would get (conf/ and calibrated profiles), validated."""
-    from hydra import compose, initialize_config_dir
-
-    from flexgen_lab.config import register_configs
-
-    _ensure_user_config_dir()
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return to_run_config(compose(config_name="config", overrides=overrides))
-
-
-def load_profile(name: str):
-    """The hardware profile `name` as `run hardware=NAME` would see it."""
-    from flexgen_lab.hardware.profile import HardwareProfile
-
-    return HardwareProfile.from_config(compose_run_config([f"hardware={name}"]).hardware)
-
-
 def fit_command(options: dict[str, str]) -> None:
     """Least squares on the stored runs of hardware=NAME; report on held-out runs; write."""
     import statistics
@@ -304,6 +247,23 @@ def fit_command(options: dict[str, str]) -> None:
     print(f"wrote {path}; use it with hardware={out}")
 
 
+def experiment_command(command: str, args: list[str]) -> None:
+    """reproduce / plot experiment=NAME [...]: a bad option exits 2 before any cell runs."""
+    from flexgen_lab.config import ConfigError
+
+    try:
+        if command == "reproduce":
+            from flexgen_lab.reproduce import reproduce
+
+            reproduce(args)
+        else:
+            from flexgen_lab.reproduce import plot
+
+            plot(args)
+    except ConfigError as err:
+        _fail(str(err), 2)
+
+
 def main() -> None:
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
@@ -320,7 +280,10 @@ def main() -> None:
     if command == "calibrate":
         calibrate_command(args[1:])
         return
-    _ensure_user_config_dir()
+    if command in ("reproduce", "plot"):
+        experiment_command(command, args[1:])
+        return
+    ensure_user_config_dir()
     sys.argv = [f"{sys.argv[0]} {command}", *args[1:]]
     run_command(_search_task if command == "search" else _run_task)
 

@@ -129,14 +129,32 @@ def _existing_parent(path: str) -> Path:
     return p
 
 
-def config_hash(cfg: RunConfig, dtype: str) -> str:
-    """sha256 of the resolved config (store settings excluded) and the major.minor version."""
+# Keys that cannot change a run's result: where results and scratch files go, and a
+# profile's description. config_hash leaves them out, so moving them re-runs nothing.
+HASH_EXCLUDED = ("store", "engine.offload_dir", "hardware.source")
+
+
+def config_hash(cfg: RunConfig, dtype: str, device: str) -> str:
+    """sha256 of the resolved config (HASH_EXCLUDED left out), the resolved dtype, the device
+    it runs on (device_name: "cpu", "cuda:0 <name>" or "simulated") and the package's
+    major.minor version: a version with new keys hashes differently, so it re-runs cells."""
     data = dataclasses.asdict(cfg)
-    data.pop("store")
-    data["dtype"] = dtype
+    for key in HASH_EXCLUDED:
+        *parents, last = key.split(".")
+        node = data
+        for parent in parents:
+            node = node[parent]
+        node.pop(last)
+    data["dtype"], data["device"] = dtype, device
     major_minor = ".".join(__version__.split(".")[:2])
     text = json.dumps({"config": data, "version": major_minor}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def requested_hash(cfg: RunConfig) -> str:
+    """The hash `run` stores for cfg (what was asked, before any search): resume's key."""
+    _, device, dtype, _ = prepare(cfg)
+    return config_hash(cfg, dtype, device_name(device))
 
 
 def git_commit() -> str | None:
@@ -164,7 +182,8 @@ def config_columns(cfg: RunConfig, spec: ModelSpec, dtype: str, device: torch.de
     compress = ("weight+cache" if p.compress_weight and p.compress_cache else
                 "weight" if p.compress_weight else "cache" if p.compress_cache else "none")
     return dict(
-        config_hash=config_hash(cfg, dtype), config_json=json.dumps(dataclasses.asdict(cfg)),
+        config_hash=config_hash(cfg, dtype, device_name(device)),
+        config_json=json.dumps(dataclasses.asdict(cfg)),
         system=cfg.system.name, backend=cfg.backend.name, device=device_name(device),
         hardware=cfg.hardware.name, dtype=dtype, seed=cfg.seed, model=spec.name,
         schedule=cfg.schedule.name, compress=compress, compress_bits=p.compress_bits,
@@ -253,12 +272,12 @@ def searched(cfg: RunConfig, spec: ModelSpec, dtype: str) -> RunConfig:
 def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
     """Run one configuration and store its row; raises ConfigError before any work if invalid."""
     spec, device, dtype, budgets = prepare(cfg)
-    requested_hash = config_hash(cfg, dtype)
+    asked = config_hash(cfg, dtype, device_name(device))
     if cfg.policy.name == "search":
         cfg = searched(cfg, spec, dtype)
     store = ResultStore(cfg.store.path)
     row = config_columns(cfg, spec, dtype, device, budgets) | prediction_columns(cfg, spec, dtype)
-    row["config_hash"] = requested_hash  # a searched run is known by what was asked
+    row["config_hash"] = asked  # a searched run is known by what was asked
     tracer = TraceRecorder() if cfg.trace else None
     if cfg.backend.name == "simulated":
         return _simulated(cfg, spec, dtype, store, row, tracer)

@@ -48,11 +48,13 @@ def test_metrics_follow_the_paper_definitions(tmp_path):
 
 def test_config_hash_ignores_the_store_but_not_the_run(tmp_path):
     a, b = tiny_config(tmp_path), tiny_config(tmp_path)
-    b.store.path = "elsewhere.sqlite"
-    assert config_hash(a, "float32") == config_hash(b, "float32")
+    b.store.path, b.engine.offload_dir = "elsewhere.sqlite", "/elsewhere"
+    b.hardware.source = "a note"
+    assert config_hash(a, "float32", "cpu") == config_hash(b, "float32", "cpu")
     b.seed = 1
-    assert config_hash(a, "float32") != config_hash(b, "float32")
-    assert config_hash(a, "float32") != config_hash(a, "bfloat16")
+    assert config_hash(a, "float32", "cpu") != config_hash(b, "float32", "cpu")
+    assert config_hash(a, "float32", "cpu") != config_hash(a, "bfloat16", "cpu")
+    assert config_hash(a, "float32", "cpu") != config_hash(a, "float32", "cuda:0 NVIDIA T4")
 
 
 def test_trace_records_every_compute_step(tmp_path):
@@ -174,7 +176,7 @@ def test_policy_search_runs_the_searched_policy_and_keeps_the_requested_hash(tmp
     spec, budget = ModelSpec.from_name("opt-tiny"), 0.95 * 2**20
     assert peak_bytes(spec, to_policy(cfg), 16, 8, 4)["gpu"] > budget
     cfg.engine.offload_dir = str(tmp_path / "offload")
-    asked = config_hash(cfg, "float32")
+    asked = config_hash(cfg, "float32", "cpu")
     result = run(cfg)
     row = ResultStore(cfg.store.path).runs().iloc[-1]
     assert row.status == "ok" and row.config_hash == asked

@@ -53,7 +53,8 @@ def test_original_memory_model_rejects_the_papers_own_policies():
 
 
 def test_paper_profile_presets_have_every_speed():
-    for name in ("t4-paper", "t4-paper-fitted", "a100-datasheet", "h100-datasheet"):
+    for name in ("t4-paper", "t4-paper-fitted", "t4-paper-sourced", "a100-datasheet",
+                 "h100-datasheet"):
         assert profile(name).missing_speeds() == []
     with pytest.raises(ConfigError, match="no speeds"):
         predict(ModelSpec.from_name("opt-tiny"), Policy(), "zigzag", profile("local"), 8, 4)
