@@ -29,6 +29,7 @@ from flexgen_lab.runner import NotBuiltError, RunFailed, git_commit, requested_h
 
 DEFAULT_REPEATS = 3
 TABLES_DIR = Path("results/tables")
+PLOTS_DIR = Path("results/plots")
 OPTIONS = {"experiment": None, "reproduce.scale": None, "reproduce.rerun": "false",
            "reproduce.repeats": None, "reproduce.dry_run": "false", "reproduce.only": None,
            "store.path": "results/flexgen_lab.sqlite", "backend": None}
@@ -266,19 +267,88 @@ def reproduce(args: list[str]) -> Path | None:
         return None
     start = time.perf_counter()
     execute(planned)
-    frame = report.experiment_frame(exp, scale, planned, store,
-                                    over_capacity(planned, store))
-    meta = header(exp, scale, planned, args)
+    frame, meta = table(exp, scale, planned, store, args)
     paths = report.write_experiment(frame, exp, meta, TABLES_DIR)
     print(report.format_experiment(frame, exp, meta))
     print(f"({time.perf_counter() - start:.0f} s; wrote {', '.join(str(p) for p in paths)})")
     return paths[0]
 
 
+def table(exp: Experiment, scale: Scale, planned: list[Planned], store: ResultStore,
+          args: list[str]):
+    """(frame, header) of what the store holds for the planned cells."""
+    from flexgen_lab.results import report
+
+    extra: dict[str, dict] = {}
+    for name, figures in (("ours_over_capacity_token_s", over_capacity(planned, store)),
+                          ("simulated_token_s", predictions(planned, store, scale))):
+        for config_hash, value in figures.items():
+            extra.setdefault(config_hash, {})[name] = value
+    frame = report.experiment_frame(exp, scale, planned, store, extra)
+    meta = header(exp, scale, planned, args)
+    if scale.predict_with:
+        meta["predict_with"] = scale.predict_with
+    return frame, meta
+
+
+def plot(args: list[str]) -> list[Path]:
+    """plot experiment=NAME [backend=...] [reproduce.scale=...] [store.path=...]: the
+    experiment's figures from what the store holds (nothing is run), as PNG and SVG."""
+    from flexgen_lab.results import plots, report
+
+    opts = parse_options(args)
+    exp = experiments.load(opts.experiment)
+    scale = exp.scale_for(opts.backend, opts.scale)
+    store = ResultStore(opts.store_path)
+    planned = plan(exp, scale, opts, store)
+    frame, meta = table(exp, scale, planned, store, args)
+    if not (frame.status == "ok").any() and not frame.get(
+            "ours_over_capacity_token_s", frame.status).notna().any():
+        raise ConfigError(f"plot: nothing stored for {exp.name} at scale {scale.name} in "
+                          f"{opts.store_path}; run `python -m flexgen_lab reproduce "
+                          f"{' '.join(args)}` first")
+    paths = []
+    for kind in exp.plots:
+        stem = PLOTS_DIR / f"{report.table_stem(meta)}-{kind}"
+        paths += plots.save(plots.draw(kind, frame, meta, exp.paper_points), stem)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return paths
+
+
+def predictions(planned: list[Planned], store: ResultStore, scale: Scale) -> dict[str, float]:
+    """hash -> the simulator's token/s for each ok cell on the scale's predict_with profile
+    (this machine's calibrated one for batch_sweep); {} when the scale has none or the
+    profile does not exist yet (the table then says so)."""
+    from flexgen_lab.runner import TORCH_DTYPES, prepare, to_policy
+    from flexgen_lab.sim.simulator import simulate
+
+    if not scale.predict_with:
+        return {}
+    try:
+        profile = load_profile(scale.predict_with)
+        profile.require_speeds()
+    except ConfigError as err:
+        print(f"no prediction: hardware={scale.predict_with} ({err}); run `python -m "
+              f"flexgen_lab calibrate name={scale.predict_with}` to make it")
+        return {}
+    out = {}
+    for p in planned:
+        if p.cfg is None or not len(store.runs("config_hash = ? AND status = 'ok'",
+                                              [p.config_hash])):
+            continue
+        spec, _, dtype, _ = prepare(p.cfg)
+        w, policy = p.cfg.workload, to_policy(p.cfg)
+        sim = simulate(spec, policy, p.cfg.schedule.name, profile, w.prompt_len, w.gen_len,
+                       TORCH_DTYPES[dtype].itemsize, w.num_prompts or policy.block_size)
+        out[p.config_hash] = sim.generation_throughput
+    return out
+
+
 def over_capacity(planned: list[Planned], store: ResultStore) -> dict[str, float]:
     """hash -> simulated token/s without the capacity check, for simulated cells stored as
-    oom (our engine's footprint over the paper's GPU). Never stored as a run: the row stays
-    oom; the table shows this figure beside it, labelled "over capacity"."""
+    oom over the gpu tier only (our engine's footprint over the paper's GPU: see the engine's
+    second pass). Never stored as a run: the row stays oom; the table shows this figure
+    beside it, labelled "over capacity"."""
     from flexgen_lab.hardware.profile import HardwareProfile
     from flexgen_lab.runner import TORCH_DTYPES, prepare, to_policy
     from flexgen_lab.sim.simulator import simulate
@@ -287,8 +357,9 @@ def over_capacity(planned: list[Planned], store: ResultStore) -> dict[str, float
     for p in planned:
         if p.cfg is None or p.cfg.backend.name != "simulated" or p.cfg.policy.name != "manual":
             continue
-        if not len(store.runs("config_hash = ? AND status = 'oom'", [p.config_hash])):
-            continue
+        oom = store.runs("config_hash = ? AND status = 'oom'", [p.config_hash])
+        if not len(oom) or not _only_gpu_over(str(oom.error.iloc[-1])):
+            continue  # over the cpu or disk tier too: a real OOM, as the paper's "no disk"
         spec, _, dtype, _ = prepare(p.cfg)
         w, policy = p.cfg.workload, to_policy(p.cfg)
         sim = simulate(spec, policy, p.cfg.schedule.name,
@@ -296,6 +367,11 @@ def over_capacity(planned: list[Planned], store: ResultStore) -> dict[str, float
                        TORCH_DTYPES[dtype].itemsize, w.num_prompts or policy.block_size)
         out[p.config_hash] = sim.generation_throughput
     return out
+
+
+def _only_gpu_over(message: str) -> bool:
+    """The simulated oom message names each tier over its capacity ("gpu tier: ...")."""
+    return "gpu tier" in message and "cpu tier" not in message and "disk tier" not in message
 
 
 def header(exp: Experiment, scale: Scale, planned: list[Planned], args: list[str]) -> dict:

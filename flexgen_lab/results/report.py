@@ -26,11 +26,12 @@ LINKS = ("cpu_to_gpu", "gpu_to_cpu", "disk_to_cpu", "cpu_to_disk")
 
 
 def experiment_frame(exp: Experiment, scale: Scale, planned: list, store: ResultStore,
-                     over_capacity: dict[str, float] | None = None) -> pd.DataFrame:
+                     extra: dict[str, dict] | None = None) -> pd.DataFrame:
     """One line per cell: status, paper and ours (median over repeats, with min and max),
-    ratio, relative values, prediction, bytes per link and phase."""
-    over_capacity = over_capacity or {}
-    lines = [_cell_line(p, store, over_capacity) for p in planned]
+    ratio, relative values, prediction, bytes per link and phase. `extra`: config hash ->
+    figures computed beside the store (ours_over_capacity_token_s, simulated_token_s)."""
+    extra = extra or {}
+    lines = [_cell_line(p, store, extra.get(p.config_hash, {})) for p in planned]
     frame = pd.DataFrame(lines)
     for name in ("experiment", "scale", "backend"):
         frame.insert(0, name, {"experiment": exp.name, "scale": scale.name,
@@ -41,11 +42,15 @@ def experiment_frame(exp: Experiment, scale: Scale, planned: list, store: Result
     return frame[ordered]
 
 
-def _cell_line(p, store: ResultStore, over_capacity: dict[str, float]) -> dict:
+def _cell_line(p, store: ResultStore, extra: dict) -> dict:
     cell = p.cell
     line = {"row": cell.row, "column": cell.column, "x": cell.x, "system": cell.system,
             "paper_token_s": cell.paper_token_s, "paper_oom": cell.paper_oom,
             "note": cell.note, "config_hash": p.config_hash, "message": p.message}
+    if p.cfg is not None:  # what was asked, whatever happened (a searched run may differ)
+        pol = p.cfg.policy
+        line |= {"block_size": pol.gpu_batch_size * pol.num_gpu_batches,
+                 "gen_len": p.cfg.workload.gen_len}
     if p.config_hash is None or p.status == "config error":
         return {**line, "status": p.status}
     rows = store.runs("config_hash = ?", [p.config_hash])
@@ -56,9 +61,9 @@ def _cell_line(p, store: ResultStore, over_capacity: dict[str, float]) -> dict:
         line["message"] = str(rows.error.iloc[-1])
     if line["status"] == "oom":
         line["message"] = str(rows[rows.status == "oom"].error.iloc[-1])
-        line["ours_over_capacity_token_s"] = over_capacity.get(p.config_hash)
     if len(ok):
         line |= _measured(ok)
+    line |= extra
     ours, paper = line.get("ours_token_s"), cell.paper_token_s
     line["ratio"] = ours / paper if ours and paper else None
     beyond = line.get("ours_over_capacity_token_s")
