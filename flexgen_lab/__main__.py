@@ -262,6 +262,9 @@ def experiment_command(command: str, args: list[str]) -> None:
             plot(args)
     except ConfigError as err:
         _fail(str(err), 2)
+    except KeyboardInterrupt:
+        _fail(f"{command} interrupted; the cells done are stored: the same command resumes",
+              130)
 
 
 def main() -> None:

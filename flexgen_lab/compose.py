@@ -9,7 +9,9 @@ profiles' directory on its search path (conf/config.yaml). The result is the sam
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 from pathlib import Path
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -58,9 +60,16 @@ def _unknown_keys(data: dict, schema, prefix: str = "") -> list[str]:
 
 
 def compose_run_config(overrides: list[str]):
-    """The RunConfig `run OVERRIDES` would get (conf/ and calibrated profiles), converted.
+    """The RunConfig `run OVERRIDES` would get (conf/ and calibrated profiles), converted; a
+    fresh copy each call (callers may change it).
 
     A Hydra error (an unknown option, a bad value for the schema) becomes a ConfigError."""
+    return copy.deepcopy(_composed(tuple(overrides)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _composed(overrides: tuple[str, ...]):
+    """Composing costs about 0.1 s; reproduce asks for the same cells more than once."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -71,7 +80,7 @@ def compose_run_config(overrides: list[str]):
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         try:
-            composed = compose(config_name="config", overrides=overrides)
+            composed = compose(config_name="config", overrides=list(overrides))
         except (HydraException, OmegaConfBaseException) as err:
             raise ConfigError(str(err).splitlines()[0]) from None
         return to_run_config(composed)

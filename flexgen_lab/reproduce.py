@@ -108,7 +108,7 @@ def plan(exp: Experiment, scale: Scale, opts: Options, store: ResultStore) -> li
     cells = exp.cells(scale, command_line(opts))
     budgets = column_budgets(exp, scale, cells) if scale.budgets else {}
     repeats = opts.repeats or scale.repeats or DEFAULT_REPEATS
-    planned = [_plan_cell(cell, scale, budgets.get(cell.column, []), repeats) for cell in cells
+    planned = [_plan_cell(cell, scale, budgets.get(cell.column), repeats) for cell in cells
                if not opts.only or cell.row in opts.only]
     for p in planned:
         if p.status == "to run":
@@ -119,16 +119,20 @@ def plan(exp: Experiment, scale: Scale, opts: Options, store: ResultStore) -> li
     return planned
 
 
-def make_config(cell: Cell, scale: Scale, extra: list[str] = ()) -> RunConfig:
+def make_config(cell: Cell, scale: Scale, budgets: dict[str, int] | None = None) -> RunConfig:
     """The cell's RunConfig; at a scale with block_scale a manual policy's gpu_batch_size is
-    scaled (at least 1), its number of GPU batches and placements kept."""
-    cfg = compose_run_config(list(experiments.merge([*cell.overrides, *extra])))
+    scaled (at least 1), its number of GPU batches and placements kept; `budgets` (bytes per
+    tier) replace the hardware's capacities."""
+    cfg = compose_run_config(list(cell.overrides))
     if scale.block_scale and cfg.policy.name == "manual" and cfg.system.name == "flexgen_lab":
         cfg.policy.gpu_batch_size = max(1, round(cfg.policy.gpu_batch_size * scale.block_scale))
+    for tier, nbytes in (budgets or {}).items():
+        setattr(cfg.hardware, f"{tier}_mem", nbytes)
     return cfg
 
 
-def _plan_cell(cell: Cell, scale: Scale, budget_overrides: list[str], repeats: int) -> Planned:
+def _plan_cell(cell: Cell, scale: Scale, budgets: dict[str, int] | None,
+               repeats: int) -> Planned:
     p = Planned(cell)
     if not cell.runs:
         p.status, p.message = "not run", "a system flexgen_lab does not run"
@@ -137,7 +141,7 @@ def _plan_cell(cell: Cell, scale: Scale, budget_overrides: list[str], repeats: i
         p.status, p.message = "not simulated", f"system={cell.system} runs measured only"
         return p
     try:
-        p.cfg = make_config(cell, scale, budget_overrides)
+        p.cfg = make_config(cell, scale, budgets)
         p.config_hash = requested_hash(p.cfg)
     except NotBuiltError as err:
         p.status, p.message = "not built", str(err)
@@ -147,14 +151,15 @@ def _plan_cell(cell: Cell, scale: Scale, budget_overrides: list[str], repeats: i
     return p
 
 
-def column_budgets(exp: Experiment, scale: Scale, cells: list[Cell]) -> dict[str, list[str]]:
+def column_budgets(exp: Experiment, scale: Scale, cells: list[Cell]
+                   ) -> dict[str, dict[str, int]]:
     """Budgets "paper-ratio:<profile>": each tier's capacity is the profile's times our
     model's bytes over the paper's model's (the column's paper_model, in fp16). The cpu and
     disk tiers are raised to what the column's baseline policy needs, the gpu tier to what
     the most demanding manual row of the column needs: our engine's embedding and head
     slots alone exceed a scaled T4 (see the engine's second pass), and a gpu budget no row
-    fits would leave nothing to compare. The overrides carry the bytes, so hash and table
-    show them; every cell of a column gets the same budgets, so its rows compare."""
+    fits would leave nothing to compare. The bytes go in the cells' configs (so in their
+    hash and the budget columns); every cell of a column gets the same, so its rows compare."""
     from flexgen_lab.models.spec import ModelSpec
     from flexgen_lab.planner.memory_model import peak_bytes
     from flexgen_lab.runner import TORCH_DTYPES, prepare, to_policy
@@ -178,8 +183,7 @@ def column_budgets(exp: Experiment, scale: Scale, cells: list[Cell]) -> dict[str
         column["gpu"] = max(column["gpu"], need["gpu"])
         if cell.row == exp.baseline_row:
             column["cpu"], column["disk"] = (max(column[t], need[t]) for t in ("cpu", "disk"))
-    return {column: [f"hardware.{t}_mem={int(b)}" for t, b in tiers.items()]
-            for column, tiers in budgets.items()}
+    return {column: {t: int(b) for t, b in tiers.items()} for column, tiers in budgets.items()}
 
 
 def estimate_seconds(planned: list[Planned]) -> float:
@@ -226,8 +230,9 @@ def execute(planned: list[Planned]) -> None:
                 bar.set_postfix_str(f"{p.cell.row} | {p.cell.column}"[:60])
                 try:
                     run(p.cfg)
-                except RunFailed:
-                    pass  # stored with its status; the table shows it
+                except RunFailed as err:  # stored with its status; the table shows it
+                    if isinstance(err.__cause__, KeyboardInterrupt):
+                        raise KeyboardInterrupt from None  # stop; a rerun resumes
                 except ConfigError as err:
                     p.status, p.message = "config error", str(err)
                     bar.update(p.needed - p.done)

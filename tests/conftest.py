@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -77,3 +78,17 @@ def left_padded_prompts(lengths: list[int], vocab: int, pad_id: int, seed: int =
 
 def python_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "flexgen_lab", *args]
+
+
+@pytest.fixture(scope="session")
+def tiny_reproductions(tmp_path_factory):
+    """A directory where figure1 (simulated) and batch_sweep (measured) were reproduced at
+    tiny scale: results/tables/*.csv and the store r.sqlite. Shared by the reproduce and
+    notebook tests (each reproduction is real and takes seconds)."""
+    where = tmp_path_factory.mktemp("reproduced")
+    for name in ("figure1", "batch_sweep"):
+        out = subprocess.run(python_cli("reproduce", f"experiment={name}",
+                                        "reproduce.scale=tiny", f"store.path={where}/r.sqlite"),
+                             capture_output=True, text=True, timeout=300, cwd=where)
+        assert out.returncode == 0, out.stderr[-3000:]
+    return where

@@ -208,9 +208,10 @@ def _build(name: str, data: dict, command: str, path: Path) -> Experiment:
               for n, s in data["scales"].items()}
     for row in rows:
         unknown = set(row.get("columns", [])) - set(data["columns"])
-        if unknown or "name" not in row:
-            raise ConfigError(f"{path}: row {row.get('name')!r} names unknown columns "
-                              f"{sorted(unknown)} or has no name")
+        if unknown or "," in row.get("name", ","):
+            raise ConfigError(f"{path}: row {row.get('name')!r}: needs a name without commas "
+                              f"(reproduce.only lists them) and known columns, not "
+                              f"{sorted(unknown)}")
         for value in row.get("paper", {}).values():
             if value != OOM and not isinstance(value, (int, float)):
                 raise ConfigError(f"{path}: row {row['name']!r}: paper value {value!r} is "

@@ -38,6 +38,9 @@ def experiment_frame(exp: Experiment, scale: Scale, planned: list, store: Result
                                "backend": scale.backend}[name])
     if exp.baseline_row:
         _relative(frame, exp.baseline_row)
+    for name in CSV_COLUMNS + ["ours_token_s", "relative", "paper_relative"]:
+        if name not in frame:
+            frame[name] = None  # a table where no cell has it still has the column
     ordered = CSV_COLUMNS + [c for c in frame.columns if c not in CSV_COLUMNS]
     return frame[ordered]
 
