@@ -192,8 +192,11 @@ def format_experiment(frame: pd.DataFrame, exp: Experiment, meta: dict) -> str:
                  "paper vs baseline": _fmt(getattr(r, "paper_relative", None), 2)}
         lines.append("| " + " | ".join(cells[c] for c in cols) + " |")
     foot = [""] + [f"[{n}] {text}" for n, text in enumerate(notes, 1)]
-    messages = [f"- {r.row} | {r.column}: {r.status}: {r.message}" for r in frame.itertuples()
-                if r.status not in ("ok", "oom") and r.message]
+    said: dict[tuple[str, str], list[str]] = {}  # (row, what) -> columns
+    for r in frame.itertuples():
+        if r.status not in ("ok", "oom") and r.message:
+            said.setdefault((r.row, f"{r.status}: {r.message}"), []).append(r.column)
+    messages = [f"- {row} ({', '.join(cols)}): {what}" for (row, what), cols in said.items()]
     return "\n".join(head + lines + foot + messages + _summary(frame, exp, measured))
 
 
