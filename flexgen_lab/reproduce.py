@@ -155,8 +155,9 @@ def column_budgets(exp: Experiment, scale: Scale, cells: list[Cell]
                    ) -> dict[str, dict[str, int]]:
     """Budgets "paper-ratio:<profile>": each tier's capacity is the profile's times our
     model's bytes over the paper's model's (the column's paper_model, in fp16). The cpu and
-    disk tiers are raised to what the column's baseline policy needs, the gpu tier to what
-    the most demanding manual row of the column needs: our engine's embedding and head
+    disk tiers are raised to what the column's baseline policy needs (every row's, in a table
+    without a baseline row), the gpu tier to what the most demanding manual row of the column
+    needs: our engine's embedding and head
     slots alone exceed a scaled T4 (see the engine's second pass), and a gpu budget no row
     fits would leave nothing to compare. The bytes go in the cells' configs (so in their
     hash and the budget columns); every cell of a column gets the same, so its rows compare."""
@@ -167,8 +168,10 @@ def column_budgets(exp: Experiment, scale: Scale, cells: list[Cell]
     profile = load_profile(scale.budgets.partition(":")[2] or "t4-paper")
     budgets: dict[str, dict[str, float]] = {}
     for cell in cells:
+        if not cell.runs or cell.system != "flexgen_lab":
+            continue  # a baseline's budgets are not ours to size
         cfg = make_config(cell, scale)
-        if cfg.policy.name != "manual" or not cell.runs or cell.system != "flexgen_lab":
+        if cfg.policy.name != "manual":
             continue
         spec, _, dtype, _ = prepare(cfg)
         item = TORCH_DTYPES[dtype].itemsize
@@ -181,7 +184,7 @@ def column_budgets(exp: Experiment, scale: Scale, cells: list[Cell]
                                     for t in ("gpu", "cpu", "disk")}
         column = budgets[cell.column]
         column["gpu"] = max(column["gpu"], need["gpu"])
-        if cell.row == exp.baseline_row:
+        if cell.row == exp.baseline_row or exp.baseline_row is None:
             column["cpu"], column["disk"] = (max(column[t], need[t]) for t in ("cpu", "disk"))
     return {column: {t: int(b) for t, b in tiers.items()} for column, tiers in budgets.items()}
 

@@ -59,7 +59,7 @@ def _cell_line(p, store: ResultStore, extra: dict) -> dict:
     rows = store.runs("config_hash = ?", [p.config_hash])
     ok = rows[rows.status == "ok"]
     line["status"] = ("ok" if len(ok) else "oom" if (rows.status == "oom").any()
-                      else "error" if len(rows) else "missing")
+                      else "error" if len(rows) else "not stored")
     if line["status"] == "error":
         line["message"] = str(rows.error.iloc[-1])
     if line["status"] == "oom":
@@ -162,7 +162,7 @@ def _fmt(value, digits: int = 3) -> str:
 def _status_text(r) -> str:
     if r.status == "oom" and _good(getattr(r, "ours_over_capacity_token_s", None)):
         return f"OOM (over capacity: {r.ours_over_capacity_token_s:.3g})"
-    return {"ok": "ok", "oom": "OOM", "missing": "not run yet"}.get(r.status, r.status)
+    return {"ok": "ok", "oom": "OOM"}.get(r.status, r.status)
 
 
 def format_experiment(frame: pd.DataFrame, exp: Experiment, meta: dict) -> str:
@@ -177,6 +177,12 @@ def format_experiment(frame: pd.DataFrame, exp: Experiment, meta: dict) -> str:
     if measured:  # CPU seconds over T4 seconds mean nothing: compare within a column
         cols.remove("ours/paper")
         cols += ["spread", "vs baseline", "paper vs baseline"]
+    if "simulated_token_s" in frame and frame.simulated_token_s.notna().any():
+        cols.insert(cols.index("status"), "simulated token/s")
+    if not exp.baseline_row:
+        cols = [c for c in cols if "baseline" not in c]
+    if frame.paper_token_s.isna().all() and not frame.paper_oom.any():
+        cols = [c for c in cols if "paper" not in c]
     notes = list(dict.fromkeys(n for n in frame.note if n))
     if "x" in frame and frame.x.notna().any():
         cols.insert(2, "x")
@@ -189,7 +195,8 @@ def format_experiment(frame: pd.DataFrame, exp: Experiment, meta: dict) -> str:
                  "ours token/s": _fmt(getattr(r, "ours_token_s", None)),
                  "ours/paper": _fmt(getattr(r, "ratio", None), 2), "status": _status_text(r),
                  "spread": _spread(r), "vs baseline": _fmt(getattr(r, "relative", None), 2),
-                 "paper vs baseline": _fmt(getattr(r, "paper_relative", None), 2)}
+                 "paper vs baseline": _fmt(getattr(r, "paper_relative", None), 2),
+                 "simulated token/s": _fmt(getattr(r, "simulated_token_s", None))}
         lines.append("| " + " | ".join(cells[c] for c in cols) + " |")
     foot = [""] + [f"[{n}] {text}" for n, text in enumerate(notes, 1)]
     said: dict[tuple[str, str], list[str]] = {}  # (row, what) -> columns

@@ -150,3 +150,16 @@ def test_simulated_figure1_cells_and_plot(tiny_reproductions):
     assert set(csv.config_hash) == set(rows.config_hash) and (rows.device == "simulated").all()
     assert len(reproduce_plot(tiny_reproductions, "experiment=figure1",
                               "reproduce.scale=tiny")) == 2
+
+
+def test_tiny_table2_shows_baselines_it_cannot_run_and_measures_the_others(tmp_path):
+    out = reproduce(tmp_path, "experiment=table2", "reproduce.scale=tiny",
+                    "reproduce.only=FlexGen,HF Accelerate,Petals (per GPU)").stdout
+    csv = pd.read_csv(tmp_path / "results/tables/table2-measured-local-tiny.csv")
+    status = csv.groupby("row").status.agg(set)
+    assert status["HF Accelerate"] == {"not built"} and status["Petals (per GPU)"] == {"not run"}
+    assert status["FlexGen"] == {"ok"}
+    flexgen = csv[csv.row == "FlexGen"]
+    assert flexgen.paper_token_s.tolist() == [25.26, 7.32, 0.69, 13.72, 3.50, 0.35]
+    assert flexgen.relative.isna().all()  # table2 has no baseline row to divide by
+    assert "| Petals (per GPU) | OPT-30B s=512 | petals | 2.84 | - | not run |" in out
