@@ -327,9 +327,6 @@ def predictions(planned: list[Planned], store: ResultStore, scale: Scale) -> dic
     """hash -> the simulator's token/s for each ok cell on the scale's predict_with profile
     (this machine's calibrated one for batch_sweep); {} when the scale has none or the
     profile does not exist yet (the table then says so)."""
-    from flexgen_lab.runner import TORCH_DTYPES, prepare, to_policy
-    from flexgen_lab.sim.simulator import simulate
-
     if not scale.predict_with:
         return {}
     try:
@@ -344,12 +341,21 @@ def predictions(planned: list[Planned], store: ResultStore, scale: Scale) -> dic
         if p.cfg is None or not len(store.runs("config_hash = ? AND status = 'ok'",
                                               [p.config_hash])):
             continue
-        spec, _, dtype, _ = prepare(p.cfg)
-        w, policy = p.cfg.workload, to_policy(p.cfg)
-        sim = simulate(spec, policy, p.cfg.schedule.name, profile, w.prompt_len, w.gen_len,
-                       TORCH_DTYPES[dtype].itemsize, w.num_prompts or policy.block_size)
-        out[p.config_hash] = sim.generation_throughput
+        out[p.config_hash] = simulated_throughput(p.cfg, profile)
     return out
+
+
+def simulated_throughput(cfg: RunConfig, profile) -> float:
+    """The simulator's token/s for cfg's policy and workload on `profile` (no capacity
+    check: the caller says what the figure stands for)."""
+    from flexgen_lab.runner import TORCH_DTYPES, prepare, to_policy
+    from flexgen_lab.sim.simulator import simulate
+
+    spec, _, dtype, _ = prepare(cfg)
+    w, policy = cfg.workload, to_policy(cfg)
+    return simulate(spec, policy, cfg.schedule.name, profile, w.prompt_len, w.gen_len,
+                    TORCH_DTYPES[dtype].itemsize,
+                    w.num_prompts or policy.block_size).generation_throughput
 
 
 def over_capacity(planned: list[Planned], store: ResultStore) -> dict[str, float]:
@@ -358,8 +364,6 @@ def over_capacity(planned: list[Planned], store: ResultStore) -> dict[str, float
     second pass). Never stored as a run: the row stays oom; the table shows this figure
     beside it, labelled "over capacity"."""
     from flexgen_lab.hardware.profile import HardwareProfile
-    from flexgen_lab.runner import TORCH_DTYPES, prepare, to_policy
-    from flexgen_lab.sim.simulator import simulate
 
     out = {}
     for p in planned:
@@ -368,12 +372,8 @@ def over_capacity(planned: list[Planned], store: ResultStore) -> dict[str, float
         oom = store.runs("config_hash = ? AND status = 'oom'", [p.config_hash])
         if not len(oom) or not _only_gpu_over(str(oom.error.iloc[-1])):
             continue  # over the cpu or disk tier too: a real OOM, as the paper's "no disk"
-        spec, _, dtype, _ = prepare(p.cfg)
-        w, policy = p.cfg.workload, to_policy(p.cfg)
-        sim = simulate(spec, policy, p.cfg.schedule.name,
-                       HardwareProfile.from_config(p.cfg.hardware), w.prompt_len, w.gen_len,
-                       TORCH_DTYPES[dtype].itemsize, w.num_prompts or policy.block_size)
-        out[p.config_hash] = sim.generation_throughput
+        out[p.config_hash] = simulated_throughput(
+            p.cfg, HardwareProfile.from_config(p.cfg.hardware))
     return out
 
 
