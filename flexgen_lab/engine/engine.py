@@ -168,6 +168,7 @@ class BlockRun:
         self.counts = {"layer_loads": 0, "cache_loads": 0, "stores": 0, "hidden_loads": 0}
         self.last_store: Future | None = None
         self.event = None  # CUDA event after the latest compute (None on the CPU)
+        self._view, self._view_key, self._view_bytes = None, None, 0  # see _weights_view
         self._check_workspace()
 
     def _check_workspace(self) -> None:
@@ -196,6 +197,7 @@ class BlockRun:
             phase[token > 0] += self._clock() - mark
         finally:
             self.executor.close()
+            self._release_view()
         return phase[0], phase[1]
 
     def _clock(self) -> float:
@@ -273,11 +275,11 @@ class BlockRun:
             deps.append(job)
         wait(deps)
         start = time.perf_counter()
-        w = self.e.weights.compute_view(op.layer, weights.get("buffers"))
+        w = self._weights_view(op, weights.get("buffers"))
         batch = self.batches[op.batch]
         first, tokens = batch.window(op.token)  # queries attend over first + tokens keys
         need = step_workspace_bytes(self.e.spec, batch.ids.shape[0], tokens, first + tokens,
-                                    self.e.dtype) + self.e.weights.dequant_bytes(op.layer)
+                                    self.e.dtype)
         with self.e.tiers["gpu"].hold(need, "workspace: compute step"):
             self._cell(op, w, batch, cache_slot)
         self.event = cuda_sync.compute_done(self.e.device)
@@ -287,6 +289,25 @@ class BlockRun:
         self._trace({"op": "compute", "token": op.token, "layer": op.layer, "batch": op.batch,
                      "start_s": start - self.executor.origin,
                      "end_s": end - self.executor.origin})
+
+    def _weights_view(self, op, buffers: dict | None) -> dict:
+        """The part's weights as compute uses them. Compressed weights are dequantised once
+        per (token, layer) and reused by the next GPU batches of that layer (zig-zag runs
+        them back to back; row-by-row never does), their bytes held on the gpu tier until
+        another part's replace them."""
+        key = (op.token, op.layer)
+        if self._view_key != key:
+            self._release_view()
+            self._view = self.e.weights.compute_view(op.layer, buffers)
+            self._view_bytes = self.e.weights.dequant_bytes(op.layer)
+            self.e.tiers["gpu"].reserve(self._view_bytes, "workspace: dequantised weights")
+            self._view_key = key
+        return self._view
+
+    def _release_view(self) -> None:
+        if self._view_key is not None:
+            self.e.tiers["gpu"].release(self._view_bytes, "workspace: dequantised weights")
+        self._view, self._view_key, self._view_bytes = None, None, 0
 
     def _cell(self, op, w: dict, batch: BatchState, cache_slot: int) -> None:
         i, j, last = op.token, op.layer, self.e.spec.num_layers + 1

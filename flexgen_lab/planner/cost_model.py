@@ -87,7 +87,7 @@ def matrix_bytes(spec: ModelSpec, part: str, dtype_bytes: int) -> int:
 
 def step_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, part: str,
                  rows: int, tokens: int, keys: float, cpu_rows: float, phase: str,
-                 dtype_bytes: int) -> dict[str, float]:
+                 dtype_bytes: int, dequant_weights: bool = True) -> dict[str, float]:
     """One compute step: part (embed, layer, head) for `rows` sequences of `tokens` queries
     each over `keys` keys, `cpu_rows` of them with delegated attention. Terms in seconds:
 
@@ -95,7 +95,9 @@ def step_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, part
     attention = (rows - cpu_rows) 4 tokens keys q_dim / bmm_flops (half of it in prefill:
                 causal)
     cpu_attention = cpu_rows 4 keys q_dim / (cpu_flops x correction(gbs, hidden))
-    dequant   = [matrix bytes (compressed weights) + 2 rows (keys - 1) kv_dim dtype_bytes
+    dequant   = [matrix bytes (compressed weights, unless dequant_weights is false: the
+                engine dequantises a part once per (token, layer), so in zig-zag only a
+                block's first GPU batch pays it) + 2 rows (keys - 1) kv_dim dtype_bytes
                 (compressed cache, decode)] / dequant_rate
     overhead  = step_overhead_s (launches and bookkeeping per step)
     Every term is linear in keys and cpu_rows, so a sum of steps is one call at the mean.
@@ -117,7 +119,8 @@ def step_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, part
         out["matmul"] = max(out["matmul"], matrix_bytes(spec, part, dtype_bytes)
                             / profile.gpu_mem_bw)
     if profile.dequant_rate:
-        unpacked = matrix_bytes(spec, part, dtype_bytes) if policy.compress_weight else 0
+        unpacked = (matrix_bytes(spec, part, dtype_bytes)
+                    if policy.compress_weight and dequant_weights else 0)
         if policy.compress_cache and part == "layer" and phase == "decode":
             unpacked += 2 * rows * (keys - 1) * spec.kv_dim * dtype_bytes
         out["dequant"] = unpacked / profile.dequant_rate
@@ -138,10 +141,14 @@ TERMS = ("matmul", "attention", "cpu_attention", "dequant", "overhead")
 
 def window_compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile,
                            prompt_len: int, gen_len: int, num_prompts: int,
-                           dtype_bytes: int = 2) -> dict[str, dict[str, dict[str, float]]]:
+                           dtype_bytes: int = 2, schedule: str = "zigzag",
+                           ) -> dict[str, dict[str, dict[str, float]]]:
     """Compute time per phase, window (traffic.WINDOWS) and term: every step of the grid,
-    summed (step_seconds); decoder layers 1..L-1 are the "layer" window, layer L "last"."""
+    summed (step_seconds); decoder layers 1..L-1 are the "layer" window, layer L "last".
+    Compressed weights are dequantised once per block per (token, part) in zig-zag, once per
+    GPU batch in row-by-row, as the engine does."""
     batches = num_prompts // policy.gpu_batch_size
+    dequantising = num_prompts // policy.block_size if schedule == "zigzag" else batches
     b = policy.gpu_batch_size
     phases = {"prefill": (1, prompt_len, prompt_len, 0.0),  # (token steps, t, keys, cpu rows)
               "decode": (gen_len - 1, 1, prompt_len + gen_len / 2, delegated_rows(policy))}
@@ -151,10 +158,12 @@ def window_compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwarePro
     for phase, (token_steps, t, keys, cpu_rows) in phases.items():
         out[phase] = {}
         for window, part, count in windows:
-            step = step_seconds(spec, policy, profile, part, b, t, keys, cpu_rows, phase,
-                                dtype_bytes)
-            out[phase][window] = {term: token_steps * batches * count * seconds
-                                  for term, seconds in step.items()}
+            args = (spec, policy, profile, part, b, t, keys, cpu_rows, phase, dtype_bytes)
+            first, rest = step_seconds(*args), step_seconds(*args, dequant_weights=False)
+            out[phase][window] = {
+                term: token_steps * count * (dequantising * first[term]
+                                             + (batches - dequantising) * rest[term])
+                for term in first}
     return out
 
 
@@ -179,7 +188,7 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
     others = window_bytes(*args, kinds=("weights", "cache"))
     hidden = window_bytes(*args, kinds=("activations",))
     compute = window_compute_seconds(spec, policy, profile, prompt_len, gen_len, num_prompts,
-                                     dtype_bytes)
+                                     dtype_bytes, schedule)
     times, terms = {}, {}
     for phase in ("prefill", "decode"):
         times[phase], terms[phase] = 0.0, dict.fromkeys((*LINKS, *TERMS), 0.0)

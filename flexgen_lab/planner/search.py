@@ -142,7 +142,7 @@ def _solve_lp(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareP
     for tier, term in [*memory.items(), ("cpu", placing_terms(spec, policy, q))]:
         prob += term.const + pulp.lpSum(c * x[v] for v, c in term.coef.items()) <= limit[tier]
     coef = link_coefficients(spec, policy, schedule, s, n, q)
-    compute = _compute_exprs(spec, policy, profile, s, n, q, x)
+    compute = _compute_exprs(spec, policy, profile, s, n, q, x, schedule)
     total = []
     for phase in ("prefill", "decode"):
         for window in WINDOWS:
@@ -172,13 +172,14 @@ def _solve_lp(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareP
         activations=Placement(v["hg"], min(v["hc"], 1 - v["hg"])))
 
 
-def _compute_exprs(spec, policy, profile, s: int, n: int, q: int, x: dict) -> dict:
+def _compute_exprs(spec, policy, profile, s: int, n: int, q: int, x: dict,
+                   schedule: str) -> dict:
     """(phase, window) -> compute seconds; with delegation, decode attention splits by where
     the cache is (gpu share on the GPU, the rest on the CPU)."""
     on_gpu = window_compute_seconds(spec, _with(policy, "cache", "gpu"), profile, s, n,
-                                    policy.block_size, q)
+                                    policy.block_size, q, schedule)
     on_cpu = window_compute_seconds(spec, _with(policy, "cache", "cpu"), profile, s, n,
-                                    policy.block_size, q)
+                                    policy.block_size, q, schedule)
     out = {}
     for phase, windows in on_gpu.items():
         for window, terms in windows.items():

@@ -157,8 +157,9 @@ class OpCosts:
     """Cost of each op of a run: bytes from OpTraffic, seconds from the cost model's terms."""
 
     def __init__(self, spec: ModelSpec, policy: Policy, profile: HardwareProfile,
-                 prompt_len: int, gen_len: int, dtype_bytes: int):
+                 prompt_len: int, gen_len: int, dtype_bytes: int, schedule_name: str):
         self.spec, self.policy, self.profile = spec, policy, profile
+        self.zigzag = schedule_name == "zigzag"
         self.prompt_len, self.dtype_bytes = prompt_len, dtype_bytes
         self.traffic = OpTraffic(spec, policy, prompt_len, gen_len, dtype_bytes)
         split = split_units(policy.block_size, policy.cache)
@@ -188,9 +189,11 @@ class OpCosts:
         tokens = self.prompt_len if op.token == 0 else 1
         keys = self.prompt_len + op.token
         cpu_rows = self.cpu_rows[op.batch] if op.token > 0 else 0
+        # the engine dequantises a part's weights once per (token, layer): in zig-zag the
+        # first GPU batch of the layer does it for the others
         terms = step_seconds(self.spec, self.policy, self.profile, part,
                              self.policy.gpu_batch_size, tokens, keys, cpu_rows, phase,
-                             self.dtype_bytes)
+                             self.dtype_bytes, dequant_weights=not self.zigzag or op.batch == 0)
         # delegated q/rows/output and sparse gathers: timed at link speed, inside the step
         transfers = sum(n / link_rate(self.profile, link, phase) for link, n in moved.items())
         return Cost(compute_s=sum(terms.values()) + transfers, moved=dict(moved))
@@ -202,7 +205,7 @@ def simulate(spec: ModelSpec, policy: Policy, schedule_name: str, profile: Hardw
     """Simulate generating num_prompts prompts (one block by default), block after block."""
     profile.require_speeds()
     num_prompts = num_prompts or policy.block_size
-    costs = OpCosts(spec, policy, profile, prompt_len, gen_len, dtype_bytes)
+    costs = OpCosts(spec, policy, profile, prompt_len, gen_len, dtype_bytes, schedule_name)
     phases, moved, trace, start = [0.0, 0.0], {p: dict.fromkeys(LINKS, 0)
                                                for p in ("prefill", "decode")}, [], 0.0
     for _ in range(num_prompts // policy.block_size):
