@@ -98,7 +98,8 @@ def _search_task(cfg) -> None:
         p = run_cfg.policy
         found = search(spec, profile, w.prompt_len, w.gen_len, dtype.itemsize,
                        to_policy(run_cfg), run_cfg.schedule.name, p.cpu_delegation,
-                       compress=(p.compress_weight, p.compress_cache))
+                       compress=(p.compress_weight, p.compress_cache),
+                       max_block_size=run_cfg.search.max_block_size)
     except ConfigError as err:
         _fail(str(err), 2)
     if found is None:

@@ -143,6 +143,13 @@ class CostModelConfig:
 
 
 @dataclass
+class SearchConfig:
+    """Bounds on what policy=search may choose (and the `search` command)."""
+
+    max_block_size: int | None = None  # gpu_batch_size x num_gpu_batches at most (latency)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -155,6 +162,7 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     cost_model: CostModelConfig = field(default_factory=CostModelConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     dtype: str = "auto"
     seed: int = 0
     trace: bool = False
@@ -247,6 +255,8 @@ def _check_sizes(cfg: RunConfig) -> list[str]:
            + _positive("distributed.world_size", cfg.distributed.world_size))
     if w.num_prompts is not None:
         out += _positive("workload.num_prompts", w.num_prompts)
+    if cfg.search.max_block_size is not None:
+        out += _positive("search.max_block_size", cfg.search.max_block_size)
     if w.temperature < 0:
         out.append(f"workload.temperature={w.temperature!r}: must be >= 0 (0 = greedy)")
     return out

@@ -211,10 +211,12 @@ def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2
            base: Policy | None = None, schedule: str = "zigzag",
            delegation: bool | None = None, batch_sizes: tuple[int, ...] = GPU_BATCH_SIZES,
            max_gpu_batches: int = MAX_GPU_BATCHES,
-           compress: tuple[bool | None, bool | None] = (False, False)) -> Found | None:
+           compress: tuple[bool | None, bool | None] = (False, False),
+           max_block_size: int | None = None) -> Found | None:
     """Enumerate gbs, and num_gpu_batches in doublings while throughput grows and the LP stays
     feasible (the original stepped one by one); delegation and compression (weight, cache)
-    too, each when left open (None)."""
+    too, each when left open (None). max_block_size bounds gbs x num_gpu_batches: the
+    prompts one block holds, so the latency of a block."""
     profile.require_speeds()
     start, best, solved = time.perf_counter(), None, 0
     base = base or Policy()
@@ -223,8 +225,9 @@ def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2
     for delegate, weights, cache in booleans:
         fixed = dataclasses.replace(base, cpu_delegation=delegate, compress_weight=weights,
                                     compress_cache=cache)
-        best, solved = _batch_sizes(spec, profile, s, n, q, fixed, schedule, batch_sizes,
-                                    max_gpu_batches, best, solved)
+        sizes = [b for b in batch_sizes if not max_block_size or b <= max_block_size]
+        best, solved = _batch_sizes(spec, profile, s, n, q, fixed, schedule, sizes,
+                                    max_gpu_batches, best, solved, max_block_size)
     if best is None:
         return None
     policy, pred = best
@@ -233,11 +236,13 @@ def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2
 
 
 def _batch_sizes(spec, profile, s, n, q, base, schedule, batch_sizes, max_gpu_batches, best,
-                 solved):
+                 solved, max_block_size):
     """The search over (gbs, num_gpu_batches) for fixed booleans; returns (best, LPs solved)."""
     for gbs in batch_sizes:
         previous = None
-        for ngb in _doubling(max_gpu_batches):
+        limit = max_gpu_batches if not max_block_size else min(max_gpu_batches,
+                                                               max_block_size // gbs)
+        for ngb in _doubling(limit):
             candidate = dataclasses.replace(base, gpu_batch_size=gbs, num_gpu_batches=ngb)
             found = solve(spec, candidate, schedule, profile, s, n, q)
             solved += 1

@@ -172,3 +172,11 @@ def test_search_under_random_budgets(case):
 @given(search_cases())
 def test_search_under_random_budgets_fuzz(case):
     check_search(*case)
+
+
+def test_max_block_size_bounds_the_searched_block():
+    spec, hw = ModelSpec.from_name("opt-30b"), profile("t4-paper")
+    free = search(spec, hw, 512, 32, batch_sizes=(8, 16, 32), max_gpu_batches=8)
+    bounded = search(spec, hw, 512, 32, batch_sizes=(8, 16, 32), max_gpu_batches=8,
+                     max_block_size=16)
+    assert free.policy.block_size > 16 >= bounded.policy.block_size
