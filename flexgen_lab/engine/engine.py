@@ -165,7 +165,7 @@ class BlockRun:
         self.hidden_stores: dict[int, Future] = {}
         self.pending: dict[tuple[int, int], dict] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.counts = {"layer_loads": 0, "cache_loads": 0, "stores": 0, "hidden_loads": 0}
+        self.counts = {"weight_loads": 0, "cache_loads": 0, "stores": 0, "hidden_loads": 0}
         self.last_store: Future | None = None
         self.event = None  # CUDA event after the latest compute (None on the CPU)
         self._view, self._view_key, self._view_bytes = None, None, 0  # see _weights_view
@@ -221,15 +221,12 @@ class BlockRun:
     # --- loads -------------------------------------------------------------------------
 
     def load_weight(self, op) -> None:
-        index, kind = op.layer, self.e.weights.kind(op.layer)
-        slot = 0
-        if kind == "layer":
-            slot = self.counts["layer_loads"] % 2
-            self.counts["layer_loads"] += 1
-        holder: dict = {}
+        index, holder = op.layer, {}
         if self.e.weights.parts[index].resident:
             self.weight_jobs[(op.token, op.layer)] = (None, holder)
             return
+        slot = self.counts["weight_loads"] % self.e.weights.num_slots
+        self.counts["weight_loads"] += 1
 
         def fn():
             holder["buffers"] = self.e.weights.load(index, slot, self.links, op.token)

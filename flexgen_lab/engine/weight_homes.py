@@ -40,6 +40,20 @@ def stored_arrays(tensor: torch.Tensor, config: compress.CompressionConfig | Non
     return {"data": (packed.data, rows_per_group), "scale_min": (packed.scale_min, 1)}
 
 
+# each array's view in a slot starts on this boundary: any dtype's alignment, and the 256
+# bytes CUDA's allocator gives (its kernels may vectorise on it)
+SLOT_ALIGN = 256
+
+
+def slot_layout(sizes: list[int]) -> tuple[list[int], int]:
+    """Offsets of arrays of `sizes` bytes packed in one slot, and the slot's size."""
+    offsets, end = [], 0
+    for size in sizes:
+        offsets.append(end)
+        end += -(-size // SLOT_ALIGN) * SLOT_ALIGN
+    return offsets, end
+
+
 def part_key(part: str, layer: int | None) -> str:
     return part if layer is None else f"{part}{layer:04d}"
 
@@ -127,6 +141,23 @@ class PartHome:
     def resident_view(self) -> dict[str, torch.Tensor]:
         return {name: t.arrays["value"].only_gpu for name, t in self.tensors.items()}
 
+    def loaded_arrays(self) -> list[tuple[str, str, SplitArray]]:
+        """(tensor, array, home) of every array a load assembles (not read in place)."""
+        return [(name, array, home) for name, t in self.tensors.items()
+                for array, home in t.arrays.items() if home.only_gpu is None]
+
+    def loaded_sizes(self) -> list[int]:
+        return [nbytes_of(home.shape, home.dtype) for _, _, home in self.loaded_arrays()]
+
+    def views(self, slot: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """This part's loaded arrays as views into a slot's bytes (slot_layout)."""
+        offsets, _ = slot_layout(self.loaded_sizes())
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for (name, array, home), start in zip(self.loaded_arrays(), offsets, strict=True):
+            raw = slot[start:start + nbytes_of(home.shape, home.dtype)]
+            out.setdefault(name, {})[array] = raw.view(home.dtype).view(home.shape)
+        return out
+
     def stage_bytes(self) -> int:
         """cpu-tier bytes needed to stage this part's disk rows on their way to the gpu (the
         largest array's, plus a block of slack to match the file offset's alignment)."""
@@ -154,21 +185,23 @@ class WeightHomes:
         if spec.tie_embeddings:  # one home, loaded by both ends (the original stored two)
             embedding = self.parts[0].tensors["embed_tokens.weight"]
             self.parts[-1].tensors["embed_tokens.weight"] = embedding
-        self._slots: dict[tuple[str, int], dict] = {}
-        self._stages: dict[tuple[str, int], torch.Tensor] = {}
         self._reserve_slots()
 
     def _reserve_slots(self) -> None:
-        """Every compute-side slot and cpu stage a load will use, made now: the first of each
-        kind of part (decoder layers alike) gets its slots (two for decoder layers, which
-        alternate), so the accounting holds them from the start and a plan that cannot fit
-        fails before generating."""
-        firsts = {self.kind(i): i for i in reversed(range(len(self.parts)))}
-        for kind, index in firsts.items():
-            if not self.parts[index].resident:
-                for slot in range(2 if kind == "layer" else 1):
-                    self._slot(index, slot)
-                    self._stage(index, slot)
+        """The compute-side slots every load assembles a part in, and their cpu stages, made
+        now so the accounting holds them from the start and a plan that cannot fit fails
+        before generating. Embedding, decoder layers and head stream through the same slots
+        (two when two or more parts load, which alternate, each as large as the largest
+        part's loaded arrays): a load is issued only after the part two loads back has been
+        computed (schedule.ops), so no part needs a slot of its own."""
+        loaded = [part for part in self.parts if not part.resident]
+        self.num_slots = min(2, len(loaded))
+        size = max((slot_layout(part.loaded_sizes())[1] for part in loaded), default=0)
+        stage = max((part.stage_bytes() for part in loaded), default=0)
+        self._slots = [self.tiers.empty("gpu", (size,), torch.uint8, f"weights:slot {s}")
+                       for s in range(self.num_slots)]
+        self._stages = [self.tiers.empty("cpu", (stage,), torch.uint8, f"weights:stage {s}")
+                        if stage else None for s in range(self.num_slots)]
 
     def _home(self, key, name, tensor, share, cache) -> TensorHome:
         arrays = {}
@@ -189,16 +222,13 @@ class WeightHomes:
         config = self.config if len(arrays) > 1 else None
         return TensorHome(tuple(tensor.shape), tensor.dtype, arrays, config)
 
-    def kind(self, index: int) -> str:
-        return "embed" if index == 0 else "head" if index == len(self.parts) - 1 else "layer"
-
     def load(self, index: int, slot: int, links: Links, token: int) -> dict | None:
         """Assemble part `index` in compute-side slot `slot`; None when it is resident."""
         part = self.parts[index]
         if part.resident:
             return None
-        buffers = self._slot(index, slot)
-        stage = self._stage(index, slot)
+        buffers = part.views(self._slots[slot])
+        stage = self._stages[slot]
         for name, tensor in part.tensors.items():
             for array, home in tensor.arrays.items():
                 if home.only_gpu is None:
@@ -226,25 +256,6 @@ class WeightHomes:
         """gpu-tier bytes of the dequantised weights of one part (an intermediate)."""
         part = self.parts[index]
         return sum(nbytes_of(t.shape, t.dtype) for t in part.tensors.values() if t.config)
-
-    def _slot(self, index: int, slot: int) -> dict:
-        key = (self.kind(index), slot)
-        if key not in self._slots:
-            self._slots[key] = {
-                name: {a: self.tiers.empty("gpu", h.shape, h.dtype, f"weights:slot {key}")
-                       for a, h in t.arrays.items() if h.only_gpu is None}
-                for name, t in self.parts[index].tensors.items()}
-        return self._slots[key]
-
-    def _stage(self, index: int, slot: int) -> torch.Tensor | None:
-        need = self.parts[index].stage_bytes()
-        key = (self.kind(index), slot)
-        if need and key not in self._stages:
-            need = max(p.stage_bytes() for i, p in enumerate(self.parts)
-                       if self.kind(i) == key[0])
-            self._stages[key] = self.tiers.empty("cpu", (need,), torch.uint8,
-                                                 f"weights:stage {key}")
-        return self._stages.get(key)
 
     def tier_bytes(self) -> dict[str, int]:
         """Bytes at home per tier (a tied embedding counted once)."""

@@ -23,6 +23,7 @@ from flexgen_lab.engine.disk import ALIGN
 from flexgen_lab.engine.placement import batch_ranges, split_units
 from flexgen_lab.engine.policy import Policy
 from flexgen_lab.engine.tiers import nbytes_of
+from flexgen_lab.engine.weight_homes import slot_layout
 from flexgen_lab.engine.workspace import step_workspace_bytes
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import part_shapes
@@ -112,14 +113,13 @@ def _weights(out, spec, policy, dtype, offloaded) -> None:
         out[tier].add(var, total)
     if not offloaded:
         return
-    slots = 2 * layer + sum(part_bytes(spec, p, dtype, config)[0] for p in ("embed", "head"))
-    out["gpu"].add(None, slots)  # compute-side copies of the parts being loaded
+    largest = max(part_bytes(spec, p, dtype, config)[0] for p in ("embed", "layer", "head"))
+    out["gpu"].add(None, 2 * largest)  # the two slots every loaded part streams through
     if config is not None:  # a part's dequantised weights during its compute step
         out["gpu"].add(None, max(part_bytes(spec, p, dtype, None)[0]
                                  for p in ("embed", "layer", "head")))
-    stages = 2 * layer_max + sum(part_bytes(spec, p, dtype, config)[1]
-                                 for p in ("embed", "head"))
-    out["cpu"].add("wd", stages)  # disk rows bounce through the cpu tier
+    stage = max(part_bytes(spec, p, dtype, config)[1] for p in ("embed", "layer", "head"))
+    out["cpu"].add("wd", 2 * stage)  # disk rows bounce through the cpu tier, one per slot
     out["cpu"].add(None, 4 * ALIGN)
 
 
@@ -169,14 +169,24 @@ def peak_bytes(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
     and the largest step's intermediates. Everything but the intermediates is made before
     generating, so the peak is their sum plus the widest step (on the cpu tier, or the peak
     while placing the weights, if that is higher)."""
-    dtype = DTYPES[dtype_bytes]
+    parts = peak_breakdown(spec, policy, prompt_len, gen_len, dtype_bytes)
     total: Counter = Counter()
-    total.update(_weight_items(spec, policy, dtype))
-    total.update(_cache_items(spec, policy, prompt_len, gen_len, dtype))
-    total.update(_activation_items(spec, policy, prompt_len, dtype))
-    total["gpu"] += _widest_step(spec, policy, prompt_len, gen_len, dtype)
-    total["cpu"] = max(total["cpu"], _placing_peak(spec, policy, dtype))
+    for kind in ("weights", "cache", "activations", "step"):
+        total.update(parts[kind])
+    total["cpu"] = max(total["cpu"], parts["placing"]["cpu"])
     return {tier: float(total[tier]) for tier in ("gpu", "cpu", "disk")}
+
+
+def peak_breakdown(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
+                   dtype_bytes: int) -> dict[str, Counter]:
+    """peak_bytes by kind: weights, cache, activations (homes and buffers), the widest step's
+    intermediates (gpu) and the peak while placing weights (cpu), each tier -> bytes."""
+    dtype = DTYPES[dtype_bytes]
+    return {"weights": _weight_items(spec, policy, dtype),
+            "cache": _cache_items(spec, policy, prompt_len, gen_len, dtype),
+            "activations": _activation_items(spec, policy, prompt_len, dtype),
+            "step": Counter({"gpu": _widest_step(spec, policy, prompt_len, gen_len, dtype)}),
+            "placing": Counter({"cpu": _placing_peak(spec, policy, dtype)})}
 
 
 def _placing_peak(spec: ModelSpec, policy: Policy, dtype) -> int:
@@ -228,9 +238,11 @@ def _part_arrays(spec: ModelSpec, part: str, policy: Policy, dtype,
 
 
 def _weight_items(spec: ModelSpec, policy: Policy, dtype) -> Counter:
-    """Homes (a tied embedding once), then per kind of part that is not resident: its
-    compute-side slots (two for decoder layers) and cpu stages for its disk rows."""
+    """Homes (a tied embedding once), then the compute-side slots every part that is not
+    resident streams through (weight_homes._reserve_slots: two once two or more parts load,
+    each holding the largest part's loaded arrays) and a cpu stage per slot for disk rows."""
     out: Counter = Counter()
+    slot, stage, loading = 0, 0, 0
     for part, count in (("embed", 1), ("layer", spec.num_layers), ("head", 1)):
         for array in _part_arrays(spec, part, policy, dtype, loaded=False):
             for tier, nbytes in array.tier_bytes:
@@ -238,11 +250,14 @@ def _weight_items(spec: ModelSpec, policy: Policy, dtype) -> Counter:
         arrays = _part_arrays(spec, part, policy, dtype)
         if all(a.only_gpu and not a.compressed for a in arrays):
             continue  # resident: compute reads the homes
-        slots = 2 if part == "layer" else 1
-        out["gpu"] += slots * sum(a.nbytes for a in arrays if not a.only_gpu)
+        loading += count
+        slot = max(slot, slot_layout([a.nbytes for a in arrays if not a.only_gpu])[1])
         disk = max(dict(a.tier_bytes).get("disk", 0) for a in arrays)
         if disk:
-            out["cpu"] += slots * (disk + ALIGN)  # slack to match a file offset's alignment
+            stage = max(stage, disk + ALIGN)  # slack to match a file offset's alignment
+    slots = min(2, loading)
+    out["gpu"] += slots * slot
+    out["cpu"] += slots * stage
     return out
 
 
