@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from flexgen_lab.models.ops import query_chunk
 from flexgen_lab.models.spec import ModelSpec
 
 
@@ -17,15 +18,16 @@ def step_workspace_bytes(spec: ModelSpec, batch: int, tokens: int, keys: int,
     """Bytes of one layer step's intermediates for `batch` sequences of `tokens` new tokens
     attending over `keys` positions.
 
-    hidden in and out (2 b t h); q, k, v (b t (q + 2 kv)); attention output (b t q); attention
-    scores if materialised (b nh t s); MLP hidden: 2 b t ffn for OPT (fc1 and its ReLU), 4 for
-    Llama (gate, up, silu(gate) and their product are alive together: torch's profiler showed
-    a Llama step allocating up to 1.4x the 2-tensor estimate at short prompts); logits of the
-    last position in fp32 (b v 4 bytes).
+    hidden in, normed and out (3 b t h); q, k, v (b t (q + 2 kv)); attention output (b t q);
+    attention scores and probabilities of one chunk of queries, where SDPA materialises them
+    (its math path: 2 b nh chunk s, models/ops.py query_chunk);
+    MLP hidden: b t ffn for OPT (fc1, ReLU in place), 2 for Llama (gate with SiLU and the
+    product in place, up); logits of the last position in fp32 (b v 4 bytes).
     """
     item = dtype.itemsize
     b, t, s = batch, tokens, keys
-    mlp_tensors = 4 if spec.family == "llama" else 2
-    elements = (2 * b * t * spec.hidden + b * t * (2 * spec.q_dim + 2 * spec.kv_dim)
-                + b * spec.num_heads * t * s + mlp_tensors * b * t * spec.ffn)
+    mlp_tensors = 2 if spec.family == "llama" else 1
+    chunk = query_chunk(b, spec.num_heads, t, s, item)
+    elements = (3 * b * t * spec.hidden + b * t * (2 * spec.q_dim + 2 * spec.kv_dim)
+                + 2 * b * spec.num_heads * chunk * s + mlp_tensors * b * t * spec.ffn)
     return elements * item + b * spec.vocab * 4

@@ -81,10 +81,11 @@ def attention_output(spec: ModelSpec, w: dict, attn: torch.Tensor, residual: tor
 def mlp(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
     """x (b, t, h) -> x + down(silu(gate(y)) * up(y)), y = RMSNorm(x)"""
     y = ops.rms_norm(x, w["post_attention_layernorm.weight"], spec.norm_eps)
-    gate = ops.linear(y, w["mlp.gate_proj.weight"], w.get("mlp.gate_proj.bias"))
-    up = ops.linear(y, w["mlp.up_proj.weight"], w.get("mlp.up_proj.bias"))
-    return x + ops.linear(torch.nn.functional.silu(gate) * up, w["mlp.down_proj.weight"],
-                          w.get("mlp.down_proj.bias"))
+    # in place, so two ffn-wide tensors are alive, not four
+    gate = torch.nn.functional.silu(
+        ops.linear(y, w["mlp.gate_proj.weight"], w.get("mlp.gate_proj.bias")), inplace=True)
+    gate *= ops.linear(y, w["mlp.up_proj.weight"], w.get("mlp.up_proj.bias"))
+    return x + ops.linear(gate, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
 
 
 def head(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:

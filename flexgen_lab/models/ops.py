@@ -56,15 +56,40 @@ def attention_mask(key_mask: torch.Tensor, query_start: int, num_queries: int) -
     return allowed[:, None]
 
 
+# The most bytes of attention scores one call may hold (b x nh x queries x s): queries are
+# taken in chunks under it, so a step's workspace is bounded by a block, not by s^2 (SDPA's
+# fused kernels hold less; its math path, e.g. CUDA before sm80 with a mask, holds this).
+SCORE_BLOCK_BYTES = 64 * 2**20
+
+
+def query_chunk(batch: int, heads: int, queries: int, keys: int, itemsize: int) -> int:
+    """Queries per attention call: all of them, or as many as keep the scores under
+    SCORE_BLOCK_BYTES (at least one)."""
+    per_query = batch * heads * keys * itemsize
+    return max(1, min(queries, SCORE_BLOCK_BYTES // max(per_query, 1)))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
               scale: float) -> torch.Tensor:
-    """Scaled dot-product attention with grouped-query heads.
+    """Scaled dot-product attention with grouped-query heads, in chunks of queries (each
+    query's softmax is its own, so the result does not depend on the chunking).
 
     q (b, nh, t, d), k and v (b, nkv, s, d), mask (b, 1, t, s) bool -> (b, t, nh*d).
     """
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])
-    return merge_heads(out)
+    b, nh, t, d = q.shape
+    chunk = query_chunk(b, nh, t, k.shape[2], q.element_size())
+    gqa = nh != k.shape[1]
+    if chunk == t:
+        return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                          enable_gqa=gqa))
+    out = q.new_empty(b, t, nh, d)
+    for start in range(0, t, chunk):
+        end = min(start + chunk, t)
+        part = F.scaled_dot_product_attention(q[:, :, start:end], k, v,
+                                              attn_mask=mask[:, :, start:end], scale=scale,
+                                              enable_gqa=gqa)
+        out[:, start:end] = part.transpose(1, 2)
+    return out.view(b, t, nh * d)
 
 
 def rope_inv_freq(head_dim: int, theta: float,

@@ -78,7 +78,7 @@ def attention_output(spec: ModelSpec, w: dict, attn: torch.Tensor, residual: tor
 def mlp(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
     """x (b, t, h) -> x + fc2(relu(fc1(LN(x))))"""
     y = ops.layer_norm(x, w["final_layer_norm.weight"], w["final_layer_norm.bias"], spec.norm_eps)
-    y = torch.relu(ops.linear(y, w["fc1.weight"], w["fc1.bias"]))
+    y = torch.relu_(ops.linear(y, w["fc1.weight"], w["fc1.bias"]))  # in place: one ffn-wide
     return x + ops.linear(y, w["fc2.weight"], w["fc2.bias"])
 
 

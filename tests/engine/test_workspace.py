@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from flexgen_lab.engine.workspace import step_workspace_bytes
@@ -47,3 +48,17 @@ def test_workspace_covers_a_steps_real_allocations(family, kv_heads, b, t):
     assert real > 0
     assert real <= accounted, f"a step allocates {real} bytes, the budget holds {accounted}"
     assert real >= 0.5 * accounted  # and the reservation is not wildly timid
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_workspace_covers_sdpa_math_path(family):
+    """SDPA's math path materialises scores and probabilities (CUDA takes it with a mask
+    before sm80): attention in query chunks keeps them within the reservation. At b=8,
+    t=512 the scores of one call would be 128 MiB: two chunks of 64 MiB are taken."""
+    spec = ModelSpec(name="mid", family=family, num_layers=1, hidden=1024, num_heads=16,
+                     num_kv_heads=16, ffn=4096, vocab=512, max_positions=2048)
+    assert ops.query_chunk(8, 16, 512, 512, 4) == 256
+    with sdpa_kernel(SDPBackend.MATH):
+        real = allocated_peak(spec, 8, 512)
+    accounted = step_workspace_bytes(spec, 8, 512, 512, torch.float32) - 8 * spec.vocab * 4
+    assert 0.5 * accounted <= real <= accounted
