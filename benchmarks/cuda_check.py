@@ -9,7 +9,9 @@
    current layer computes, with the measured cpu->gpu copy bandwidth (real PCIe copies);
 3. OPT-6.7B (float16 dummy weights) under a 4 GiB gpu tier: weights 20 % gpu / 80 % pinned
    cpu, cache on the cpu tier with delegation; throughput, accounted gpu peak vs CUDA's own
-   max_memory_allocated (they should agree within 10 %).
+   max_memory_allocated (they should agree within 10 %);
+4. blocked attention: a prefill whose whole scores would take 4 GiB stays within the
+   accounted gpu peak (CUDA max allocated), on SDPA's default kernels and its math path.
 Prints each figure with the device; exits 1 if a check fails, 2 without a GPU.
 """
 
@@ -119,6 +121,31 @@ def check_capped_6_7b() -> bool:
     return real <= 4 * GiB * 1.1 and abs(real / accounted - 1) <= 0.10
 
 
+def check_blocked_attention() -> bool:
+    """A prefill whose whole attention scores would take 4 GiB (16 x 32 heads x 2048^2 fp16):
+    queries go in chunks (models/ops.py), so CUDA's max allocated stays within the accounted
+    gpu peak, on SDPA's default kernels and on its math path (which materialises scores)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    spec = ModelSpec(name="wide-2l", family="opt", num_layers=2, hidden=2048, num_heads=32,
+                     num_kv_heads=32, ffn=8192, vocab=50272, max_positions=2048)
+    ids, mask = synthetic_prompts(spec, 16, 2048, seed=0)
+    ok = True
+    for name, backends in (("default", list(SDPBackend)), ("math", [SDPBackend.MATH])):
+        tiers = Tiers(64 * GiB, 64 * GiB, 64 * GiB, CUDA)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with sdpa_kernel(backends):
+            run(spec, Policy(gpu_batch_size=16), torch.float16, tiers, ids, mask, 2)
+        real, accounted = torch.cuda.max_memory_allocated() - base, tiers["gpu"].peak
+        print(f"  blocked attention, SDPA {name}: b=16, s=2048, accounted gpu peak "
+              f"{accounted / GiB:.2f} GiB, CUDA max allocated {real / GiB:.2f} GiB "
+              f"(ratio {real / accounted:.2f}) (measured)")
+        ok &= real <= accounted
+    return ok
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         print("cuda_check: no CUDA device here; run it where a GPU is")
@@ -126,7 +153,8 @@ def main() -> None:
     print(f"# cuda_check on {device_name(CUDA)}, torch {torch.__version__}")
     results = {}
     for name, check in (("parity", check_parity), ("overlap", check_overlap),
-                        ("capped opt-6.7b", check_capped_6_7b)):
+                        ("capped opt-6.7b", check_capped_6_7b),
+                        ("blocked attention", check_blocked_attention)):
         print(f"[{name}]")
         results[name] = check()
     print("results:", results)

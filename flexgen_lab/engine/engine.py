@@ -29,7 +29,7 @@ from flexgen_lab.engine.disk import DiskDir
 from flexgen_lab.engine.memory import release_free_heap
 from flexgen_lab.engine.policy import Policy
 from flexgen_lab.engine.tiers import Tiers
-from flexgen_lab.engine.transfer import Executor, Links, wait
+from flexgen_lab.engine.transfer import Executor, Links, bounce_reserve, wait
 from flexgen_lab.engine.weight_homes import WeightCache, WeightHomes
 from flexgen_lab.engine.workspace import step_workspace_bytes
 from flexgen_lab.models import families, ops
@@ -58,6 +58,7 @@ class Engine:
         self._weight_cache: WeightCache | None = None
         self.placed: dict[str, dict[str, int]] = {}  # kind -> tier -> bytes achieved
         try:
+            self.tiers["cpu"].reserve(bounce_reserve(policy.uses_disk), "disk: bounce buffers")
             self.weights = self._place_weights(weights)
         except BaseException:
             self.close()

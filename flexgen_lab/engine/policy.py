@@ -57,3 +57,9 @@ class Policy:
     def all_resident(self) -> bool:
         """Everything lives on the compute device: nothing is offloaded."""
         return self.weights.all_gpu and self.cache.all_gpu and self.activations.all_gpu
+
+    @property
+    def uses_disk(self) -> bool:
+        """Anything placed on the disk tier (the engine's test for a weight cache, scratch
+        files and bounce buffers)."""
+        return any(p.disk > 0 for p in (self.weights, self.cache, self.activations))

@@ -23,6 +23,7 @@ from flexgen_lab.engine.disk import ALIGN
 from flexgen_lab.engine.placement import batch_ranges, split_units
 from flexgen_lab.engine.policy import Policy
 from flexgen_lab.engine.tiers import nbytes_of
+from flexgen_lab.engine.transfer import bounce_reserve
 from flexgen_lab.engine.weight_homes import slot_layout
 from flexgen_lab.engine.workspace import step_workspace_bytes
 from flexgen_lab.models.spec import ModelSpec
@@ -76,10 +77,11 @@ def part_bytes(spec: ModelSpec, part: str, dtype, config) -> tuple[int, int]:
 
 def memory_terms(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
                  dtype_bytes: int, offloaded_weights: bool = True,
-                 offloaded_cache: bool = True, offloaded_acts: bool = True) -> dict[str, Linear]:
+                 offloaded_cache: bool = True, offloaded_acts: bool = True,
+                 disk: bool = True) -> dict[str, Linear]:
     """Peak bytes per tier, linear in the placement fractions (the LP's view; peak_bytes is
     the exact figure of one concrete policy); offloaded_* say whether that kind may leave the
-    gpu tier (slots and staging exist only then)."""
+    gpu tier (slots and staging exist only then), `disk` whether it may go to disk."""
     dtype = DTYPES[dtype_bytes]
     out = {tier: Linear() for tier in ("gpu", "cpu", "disk")}
     _weights(out, spec, policy, dtype, offloaded_weights)
@@ -87,18 +89,23 @@ def memory_terms(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
     _activations(out, spec, policy, prompt_len, dtype, offloaded_acts)
     out["gpu"].add(None, step_workspace_bytes(spec, policy.gpu_batch_size, prompt_len,
                                               prompt_len, dtype))
+    # bounce buffers, in case what may leave the gpu tier goes to disk
+    offloaded = offloaded_weights or offloaded_cache or offloaded_acts
+    out["cpu"].add(None, bounce_reserve(disk and offloaded))
     return out
 
 
-def placing_terms(spec: ModelSpec, policy: Policy, dtype_bytes: int) -> Linear:
+def placing_terms(spec: ModelSpec, policy: Policy, dtype_bytes: int,
+                  offloaded: bool = True) -> Linear:
     """cpu bytes while weights are placed, linear: the cpu homes of every part (wc x total,
-    an upper bound of the homes filled so far) plus the source's copy of the largest part."""
+    an upper bound of the homes filled so far) plus the source's copy of the largest part,
+    and the bounce buffers when anything may leave the gpu tier (`offloaded`)."""
     dtype = DTYPES[dtype_bytes]
     homes, term = Linear(), Linear()
     _weights({"gpu": Linear(), "cpu": homes, "disk": Linear()}, spec, policy, dtype, False)
     term.coef["wc"] = homes.coef.get("wc", 0.0)
     term.const = max(sum(nbytes_of(shape, dtype) for shape in part_shapes(spec, p).values())
-                     for p in ("embed", "layer", "head"))
+                     for p in ("embed", "layer", "head")) + bounce_reserve(offloaded)
     return term
 
 
@@ -173,20 +180,22 @@ def peak_bytes(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
     total: Counter = Counter()
     for kind in ("weights", "cache", "activations", "step"):
         total.update(parts[kind])
-    total["cpu"] = max(total["cpu"], parts["placing"]["cpu"])
+    total["cpu"] = max(total["cpu"], parts["placing"]["cpu"]) + parts["io"]["cpu"]
     return {tier: float(total[tier]) for tier in ("gpu", "cpu", "disk")}
 
 
 def peak_breakdown(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
                    dtype_bytes: int) -> dict[str, Counter]:
     """peak_bytes by kind: weights, cache, activations (homes and buffers), the widest step's
-    intermediates (gpu) and the peak while placing weights (cpu), each tier -> bytes."""
+    intermediates (gpu), the peak while placing weights (cpu) and the disk tier's bounce
+    buffers (cpu, held throughout), each tier -> bytes."""
     dtype = DTYPES[dtype_bytes]
     return {"weights": _weight_items(spec, policy, dtype),
             "cache": _cache_items(spec, policy, prompt_len, gen_len, dtype),
             "activations": _activation_items(spec, policy, prompt_len, dtype),
             "step": Counter({"gpu": _widest_step(spec, policy, prompt_len, gen_len, dtype)}),
-            "placing": Counter({"cpu": _placing_peak(spec, policy, dtype)})}
+            "placing": Counter({"cpu": _placing_peak(spec, policy, dtype)}),
+            "io": Counter({"cpu": bounce_reserve(policy.uses_disk)})}
 
 
 def _placing_peak(spec: ModelSpec, policy: Policy, dtype) -> int:

@@ -89,6 +89,8 @@ def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfi
              for tier, capacity in (("gpu", profile.gpu_mem), ("cpu", profile.cpu_mem),
                                     ("disk", profile.disk_mem))}
     general = _fit(spec, policy, schedule, profile, s, n, q, limit, ())
+    if general is None:  # without disk there are no bounce buffers to hold on the cpu tier
+        general = _fit(spec, policy, schedule, profile, s, n, q, limit, (), disk=False)
     candidates = [general]
     if general is None or general.weights.gpu > 0.9:
         candidates.append(_fit(spec, policy, schedule, profile, s, n, q, limit, ("weights",)))
@@ -107,13 +109,14 @@ def _fits(spec, policy, s, n, q, limit) -> bool:
     return all(peak <= limit[tier] for tier, peak in peak_bytes(spec, policy, s, n, q).items())
 
 
-def _fit(spec, policy, schedule, profile, s, n, q, limit, pinned) -> Policy | None:
+def _fit(spec, policy, schedule, profile, s, n, q, limit, pinned,
+         disk: bool = True) -> Policy | None:
     """The LP's answer, checked against the exact peak (memory_model.peak_bytes): the LP sees
     memory linearly (a share x of b sequences), the engine rounds to whole sequences, rows and
     disk blocks, so a tier the answer overshoots is tightened and solved again."""
     lp_limit = dict(limit)
     for _ in range(FIT_ATTEMPTS):
-        found = _solve_lp(spec, policy, schedule, profile, s, n, q, lp_limit, pinned)
+        found = _solve_lp(spec, policy, schedule, profile, s, n, q, lp_limit, pinned, disk)
         if found is None:
             return None
         over = {tier: peak - limit[tier] for tier, peak in
@@ -127,19 +130,25 @@ def _fit(spec, policy, schedule, profile, s, n, q, limit, pinned) -> Policy | No
 
 
 def _solve_lp(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile, s: int,
-              n: int, q: int, limit: dict[str, float], pinned: tuple[str, ...]) -> Policy | None:
+              n: int, q: int, limit: dict[str, float], pinned: tuple[str, ...],
+              disk: bool = True) -> Policy | None:
     """Minimises prefill + decode time, each the sum over windows of T_w >= every link term
     and the compute of window w (overlap), or the sum of all terms (no overlap): the cost
     model's predict, written as a linear program; memory per tier at most `limit` bytes;
-    the kinds in `pinned` stay wholly on the gpu tier (and need no offloading buffers)."""
+    the kinds in `pinned` stay wholly on the gpu tier (and need no offloading buffers);
+    without `disk` nothing goes to the disk tier (and no bounce buffers are held)."""
     prob = pulp.LpProblem("placement", pulp.LpMinimize)
     x = {v: pulp.LpVariable(v, 0, 1) for v in VARIABLES}
     for kind, prefix in KINDS.items():
         prob += x[f"{prefix}g"] + x[f"{prefix}c"] + x[f"{prefix}d"] == 1
         if kind in pinned:
             prob += x[f"{prefix}g"] == 1
-    memory = memory_terms(spec, policy, s, n, q, *(kind not in pinned for kind in KINDS))
-    for tier, term in [*memory.items(), ("cpu", placing_terms(spec, policy, q))]:
+        if not disk:
+            prob += x[f"{prefix}d"] == 0
+    offloaded = [kind not in pinned for kind in KINDS]
+    memory = memory_terms(spec, policy, s, n, q, *offloaded, disk=disk)
+    placing = placing_terms(spec, policy, q, disk and any(offloaded))
+    for tier, term in [*memory.items(), ("cpu", placing)]:
         prob += term.const + pulp.lpSum(c * x[v] for v, c in term.coef.items()) <= limit[tier]
     coef = link_coefficients(spec, policy, schedule, s, n, q)
     compute = _compute_exprs(spec, policy, profile, s, n, q, x, schedule)
