@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from flexgen_lab.models import families
+
 FAMILIES = ("opt", "llama")
 
 
@@ -75,18 +77,12 @@ class ModelSpec:
 
     def layer_param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Parameter name -> shape for one decoder layer (names as in the HF checkpoints)."""
-        from flexgen_lab.models import families
-
         return families.get(self.family).layer_shapes(self)
 
     def embedding_param_shapes(self) -> dict[str, tuple[int, ...]]:
-        from flexgen_lab.models import families
-
         return families.get(self.family).embedding_shapes(self)
 
     def head_param_shapes(self) -> dict[str, tuple[int, ...]]:
-        from flexgen_lab.models import families
-
         return families.get(self.family).head_shapes(self)
 
     def layer_weight_bytes(self, dtype_bytes: int) -> int:
