@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from flexgen_lab.__main__ import CONF_DIR, to_run_config
+from flexgen_lab.compose import CONF_DIR, to_run_config
 from flexgen_lab.config import (
     SCHEDULES,
     ConfigError,
