@@ -41,7 +41,6 @@ class Segment:
                 offset += -(-shape[0] * self.row_bytes[name] // 4096) * 4096
             tiers["disk"].reserve(offset, what)
             self.file = disk_dir.file(what.replace(":", "_").replace(" ", "_"), offset)
-            self.disk_bytes = offset
         else:
             self.arrays = {name: tiers.empty(tier, shape, dtype, what)
                            for name, (shape, dtype) in shapes.items()}

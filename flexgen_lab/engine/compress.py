@@ -81,12 +81,6 @@ class Compressed:
         """Bytes held at home (codes + scales): what a copy between tiers moves."""
         return self.data.nbytes + self.scale_min.nbytes
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Compressed:
-        """The same compressed tensor with both parts on `device`."""
-        return Compressed(self.data.to(device, non_blocking=non_blocking),
-                          self.scale_min.to(device, non_blocking=non_blocking),
-                          self.shape, self.dtype, self.config)
-
 
 def _axis(ndim: int, config: CompressionConfig) -> int:
     """config.group_dim as a non-negative axis of an ndim-d tensor."""

@@ -52,8 +52,3 @@ class Policy:
     def block_size(self) -> int:
         """Prompts in one block: gpu_batch_size x num_gpu_batches."""
         return self.gpu_batch_size * self.num_gpu_batches
-
-    @property
-    def all_resident(self) -> bool:
-        """Everything lives on the compute device: nothing is offloaded."""
-        return self.weights.all_gpu and self.cache.all_gpu and self.activations.all_gpu

@@ -105,9 +105,6 @@ class ModelSpec:
     def num_params(self) -> int:
         return self.weight_bytes(1)
 
-    def with_name(self, name: str) -> ModelSpec:
-        return replace(self, name=name)
-
 
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1

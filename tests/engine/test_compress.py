@@ -153,11 +153,6 @@ def test_dequantize_writes_into_out():
         dequantize(c, out=torch.empty(70, 12))
 
 
-def test_to_moves_both_parts():
-    c = quantize(torch.randn(64, 4), CompressionConfig()).to("cpu")
-    assert c.data.device.type == c.scale_min.device.type == "cpu"
-
-
 @pytest.mark.parametrize(
     "kwargs, field",
     [(dict(bits=3), "bits=3"), (dict(bits=16), "bits=16"), (dict(group_size=0), "group_size=0"),
