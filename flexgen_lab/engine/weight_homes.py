@@ -31,10 +31,11 @@ from flexgen_lab.engine.transfer import Links
 from flexgen_lab.models.weights import part_names
 
 
-def stored_arrays(tensor: torch.Tensor, config: compress.CompressionConfig | None):
+def stored_arrays(tensor: torch.Tensor, config: compress.CompressionConfig | None, name: str):
     """A tensor's stored form: {"value"} or, compressed, {"data", "scale_min"}; rows per unit."""
     if config is None or tensor.dim() < 2:
         return {"value": (tensor, 1)}
+    compress.check_fp16_range(tensor, f"weight {name}")  # refused, not saturated
     packed = compress.quantize(tensor, config)
     rows_per_group = config.group_size * config.bits // 8
     return {"data": (packed.data, rows_per_group), "scale_min": (packed.scale_min, 1)}
@@ -81,7 +82,7 @@ class WeightCache:
         layout, arrays, offset = {}, [], 0
         for name, tensor in tensors.items():
             layout[name] = {}
-            for array, (value, _) in stored_arrays(tensor, config).items():
+            for array, (value, _) in stored_arrays(tensor, config, f"{key}.{name}").items():
                 layout[name][array] = offset
                 arrays.append((offset, value.contiguous()))
                 offset += -(-value.nbytes // ALIGN) * ALIGN
@@ -171,8 +172,8 @@ class WeightHomes:
                     self._stage(index, slot)
 
     def _home(self, key, name, tensor, share, cache) -> TensorHome:
-        arrays = {}
-        for array, (value, rows_per_unit) in stored_arrays(tensor, self.config).items():
+        arrays, stored = {}, stored_arrays(tensor, self.config, f"{key}.{name}")
+        for array, (value, rows_per_unit) in stored.items():
             units = -(-value.shape[0] // rows_per_unit)
             split = split_units(units, share)
             rows = {t: (a * rows_per_unit, min(b * rows_per_unit, value.shape[0]))
