@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flexgen_lab.models.spec import PRESETS, ModelSpec
+from flexgen_lab.units import TORCH_DTYPES
 
 SCHEDULES = ("row_by_row", "zigzag")  # engine/schedule.py implements each (a test checks)
-DTYPES = ("float32", "bfloat16", "float16", "auto")
+DTYPES = (*TORCH_DTYPES, "auto")
 BACKENDS = ("measured", "simulated")
 SYSTEMS = ("flexgen_lab", "hf", "accelerate", "deepspeed")
 DISK_IO = ("direct", "buffered")

@@ -33,8 +33,8 @@ from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import open_weights
 from flexgen_lab.planner.cost_model import flexgen_original, predict
 from flexgen_lab.results.store import ResultStore
+from flexgen_lab.units import TORCH_DTYPES
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIMULATED = torch.device("meta")  # backend=simulated computes nothing on any device
 
 

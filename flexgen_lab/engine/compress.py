@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flexgen_lab.units import ceil_div
+
 ALLOWED_BITS = (4, 8)
 # scale and min are stored in float16 (the byte models count them so, from shapes alone). Values
 # saturate at +-FP16_MAX first, so every span is at most 2 * FP16_MAX and every scale at least
@@ -101,7 +103,7 @@ def compressed_nbytes(shape: tuple[int, ...] | torch.Size, config: CompressionCo
     """
     ax = _axis(len(shape), config)
     n = shape[ax]
-    num_groups = math.ceil(n / config.group_size)
+    num_groups = ceil_div(n, config.group_size)
     rest = math.prod(size for i, size in enumerate(shape) if i != ax)  # positions off the axis
     code_bytes = num_groups * config.group_size * config.bits // 8
     return rest * (code_bytes + num_groups * 2 * 2)
@@ -125,7 +127,7 @@ def quantize(x: torch.Tensor, config: CompressionConfig) -> Compressed:
     ax = _axis(x.dim(), config)
     g, q_max = config.group_size, config.q_max
     n = x.shape[ax]
-    num_groups = math.ceil(n / g)
+    num_groups = ceil_div(n, g)
     # saturate first (see the docstring): a copy, so x itself is never changed
     rows = x.detach().float().clamp(-FP16_MAX, FP16_MAX).movedim(ax, -1)  # (*pre, *post, n)
     lead = rows.shape[:-1]

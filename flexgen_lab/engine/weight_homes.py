@@ -29,6 +29,7 @@ from flexgen_lab.engine.split_array import SplitArray
 from flexgen_lab.engine.tiers import Tiers, nbytes_of
 from flexgen_lab.engine.transfer import Links
 from flexgen_lab.models.weights import part_names
+from flexgen_lab.units import ceil_div, round_up
 
 
 def stored_arrays(tensor: torch.Tensor, config: compress.CompressionConfig | None, name: str):
@@ -85,7 +86,7 @@ class WeightCache:
             for array, (value, _) in stored_arrays(tensor, config, f"{key}.{name}").items():
                 layout[name][array] = offset
                 arrays.append((offset, value.contiguous()))
-                offset += -(-value.nbytes // ALIGN) * ALIGN
+                offset += round_up(value.nbytes, ALIGN)
         with DiskFile(tmp / f"{key}.bin", max(offset, ALIGN), self.mode) as f:
             for start, value in arrays:
                 f.write_from(start, value)
@@ -174,7 +175,7 @@ class WeightHomes:
     def _home(self, key, name, tensor, share, cache) -> TensorHome:
         arrays, stored = {}, stored_arrays(tensor, self.config, f"{key}.{name}")
         for array, (value, rows_per_unit) in stored.items():
-            units = -(-value.shape[0] // rows_per_unit)
+            units = ceil_div(value.shape[0], rows_per_unit)
             split = split_units(units, share)
             rows = {t: (a * rows_per_unit, min(b * rows_per_unit, value.shape[0]))
                     for t, (a, b) in split.ranges().items()}
