@@ -394,4 +394,4 @@ def header(exp: Experiment, scale: Scale, planned: list[Planned], args: list[str
             "backend": scale.backend, "hardware": hardware, "device": device,
             "git_commit": (git_commit() or "unknown")[:12],
             "command": " ".join(["python -m flexgen_lab reproduce", *args]),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
