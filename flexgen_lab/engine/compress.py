@@ -164,9 +164,12 @@ def check_fp16_range(x: torch.Tensor, name: str) -> None:
 
     For weights, quantized once at placement, where a clear error beats silently changed values.
     """
-    largest = x.detach().abs().amax().item() if x.numel() else 0.0
-    if not largest <= FP16_MAX:  # also catches NaN
-        raise ValueError(f"compress: {name} holds {largest:.4g}, beyond float16's range "
+    if x.numel() == 0:
+        return
+    low, high = torch.aminmax(x.detach())  # no |x| copy of a whole weight; NaN if x holds one
+    largest = max(-low.item(), high.item())
+    if not largest <= FP16_MAX:  # NaN fails this too
+        raise ValueError(f"compress: {name} holds |x| = {largest:.4g}, beyond float16's range "
                          f"(+-{FP16_MAX:.0f}), where compression keeps scale and minimum; run it "
                          "without weight compression (compress=none or compress=cache)")
 
