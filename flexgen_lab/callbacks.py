@@ -8,8 +8,8 @@ from flexgen_lab.models.spec import ModelSpec
 
 
 class TraceRecorder(Callbacks):
-    """Collects the engine's ops as trace rows (DESIGN.md's trace table): one row per op and
-    link it moved bytes over (an op that moved nothing gets one row with link None)."""
+    """Collects the engine's ops as trace rows (docs/architecture.md's trace table): one row per
+    op and link it moved bytes over (an op that moved nothing gets one row with link None)."""
 
     def __init__(self, device: str = "compute"):
         self.device = device

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flexgen_lab.models.spec import PRESETS, ModelSpec
+from flexgen_lab.units import TORCH_DTYPES
 
 SCHEDULES = ("row_by_row", "zigzag")  # engine/schedule.py implements each (a test checks)
-DTYPES = ("float32", "bfloat16", "float16", "auto")
+DTYPES = (*TORCH_DTYPES, "auto")
 BACKENDS = ("measured", "simulated")
 SYSTEMS = ("flexgen_lab", "hf", "accelerate", "deepspeed")
 DISK_IO = ("direct", "buffered")
@@ -192,6 +193,20 @@ def parse_bytes(value: Any, key: str) -> int:
                       f"({', '.join(u for u in _UNITS if u)}), e.g. '16GiB'")
 
 
+def parse_budgets(hardware: HardwareConfig) -> dict[str, int]:
+    """Tier -> capacity in bytes, from hardware.gpu_mem, cpu_mem and disk_mem; one ConfigError
+    naming every bad one."""
+    budgets, problems = {}, []
+    for tier in ("gpu", "cpu", "disk"):
+        try:
+            budgets[tier] = parse_bytes(getattr(hardware, f"{tier}_mem"), f"hardware.{tier}_mem")
+        except ConfigError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return budgets
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> list[str]:
     return [] if value in allowed else [f"{key}={value!r}: allowed values are {list(allowed)}"]
 
@@ -218,11 +233,10 @@ def model_spec(cfg: RunConfig) -> ModelSpec:
 def validate(cfg: RunConfig) -> ModelSpec:
     """Check every value; raise one ConfigError listing all problems. Returns the model spec."""
     problems = _check_choices(cfg) + _check_sizes(cfg) + _check_policy(cfg.policy)
-    for key in ("gpu_mem", "cpu_mem", "disk_mem"):
-        try:
-            parse_bytes(getattr(cfg.hardware, key), f"hardware.{key}")
-        except ConfigError as err:
-            problems.append(str(err))
+    try:
+        parse_budgets(cfg.hardware)
+    except ConfigError as err:
+        problems.append(str(err))
     spec = None
     try:
         spec = model_spec(cfg)

@@ -26,6 +26,7 @@ from flexgen_lab.results import experiment as experiments
 from flexgen_lab.results.experiment import Cell, Experiment, Scale
 from flexgen_lab.results.store import ResultStore
 from flexgen_lab.runner import NotBuiltError, RunFailed, git_commit, requested_hash, run
+from flexgen_lab.units import TORCH_DTYPES
 
 DEFAULT_REPEATS = 3
 TABLES_DIR = Path("results/tables")
@@ -163,7 +164,7 @@ def column_budgets(exp: Experiment, scale: Scale, cells: list[Cell]
     hash and the budget columns); every cell of a column gets the same, so its rows compare."""
     from flexgen_lab.models.spec import ModelSpec
     from flexgen_lab.planner.memory_model import peak_bytes
-    from flexgen_lab.runner import TORCH_DTYPES, prepare, to_policy
+    from flexgen_lab.runner import prepare, to_policy
 
     profile = load_profile(scale.budgets.partition(":")[2] or "t4-paper")
     budgets: dict[str, dict[str, float]] = {}
@@ -348,7 +349,7 @@ def predictions(planned: list[Planned], store: ResultStore, scale: Scale) -> dic
 def simulated_throughput(cfg: RunConfig, profile) -> float:
     """The simulator's token/s for cfg's policy and workload on `profile` (no capacity
     check: the caller says what the figure stands for)."""
-    from flexgen_lab.runner import TORCH_DTYPES, prepare, to_policy
+    from flexgen_lab.runner import prepare, to_policy
     from flexgen_lab.sim.simulator import simulate
 
     spec, _, dtype, _ = prepare(cfg)
@@ -393,4 +394,4 @@ def header(exp: Experiment, scale: Scale, planned: list[Planned], args: list[str
             "backend": scale.backend, "hardware": hardware, "device": device,
             "git_commit": (git_commit() or "unknown")[:12],
             "command": " ".join(["python -m flexgen_lab reproduce", *args]),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}

@@ -23,7 +23,7 @@ import torch
 
 from flexgen_lab import __version__, workload
 from flexgen_lab.callbacks import ProgressBar, TraceRecorder, chain
-from flexgen_lab.config import ConfigError, RunConfig, model_spec, parse_bytes, validate
+from flexgen_lab.config import ConfigError, RunConfig, model_spec, parse_budgets, validate
 from flexgen_lab.engine.engine import Callbacks, Engine, Generation, Sampling
 from flexgen_lab.engine.memory import PeakRSS
 from flexgen_lab.engine.policy import Placement, Policy
@@ -33,8 +33,8 @@ from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import open_weights
 from flexgen_lab.planner.cost_model import flexgen_original, predict
 from flexgen_lab.results.store import ResultStore
+from flexgen_lab.units import TORCH_DTYPES
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIMULATED = torch.device("meta")  # backend=simulated computes nothing on any device
 
 
@@ -97,15 +97,9 @@ def check_built(cfg: RunConfig) -> None:
         raise NotBuiltError("not built yet: " + "; ".join(missing))
 
 
-def parse_budgets(cfg: RunConfig) -> dict[str, int]:
-    """Tier -> the profile's capacity in bytes."""
-    return {tier: parse_bytes(getattr(cfg.hardware, f"{tier}_mem"), f"hardware.{tier}_mem")
-            for tier in ("gpu", "cpu", "disk")}
-
-
 def check_budgets(cfg: RunConfig, device: torch.device) -> dict[str, int]:
     """Tier budgets in bytes; a measured run may not promise more than this machine has."""
-    budgets = parse_budgets(cfg)
+    budgets = parse_budgets(cfg.hardware)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if device.type == "cuda":
         limits = {"gpu": torch.cuda.get_device_properties(device).total_memory, "cpu": ram}
@@ -240,7 +234,7 @@ def prepare(cfg: RunConfig) -> tuple[ModelSpec, torch.device, str, dict[str, int
     check_built(cfg)
     if cfg.backend.name == "simulated":  # any profile, as long as it has speeds
         HardwareProfile.from_config(cfg.hardware).require_speeds()
-        return spec, SIMULATED, resolve_dtype(cfg.dtype, SIMULATED), parse_budgets(cfg)
+        return spec, SIMULATED, resolve_dtype(cfg.dtype, SIMULATED), parse_budgets(cfg.hardware)
     device = compute_device()
     return spec, device, resolve_dtype(cfg.dtype, device), check_budgets(cfg, device)
 

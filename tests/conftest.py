@@ -10,7 +10,6 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
 # Small random configs with a large init scale, so greedy tokens change from step to step.
 OPT_CONFIGS = {

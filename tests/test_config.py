@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from flexgen_lab.__main__ import CONF_DIR, to_run_config
+from flexgen_lab.compose import CONF_DIR, to_run_config
 from flexgen_lab.config import (
     SCHEDULES,
     ConfigError,
+    HardwareConfig,
     RunConfig,
+    parse_budgets,
     parse_bytes,
     register_configs,
     validate,
@@ -128,3 +130,14 @@ def test_parse_bytes_units(value, expected):
 def test_parse_bytes_rejects(value):
     with pytest.raises(ConfigError, match="hardware.gpu_mem"):
         parse_bytes(value, "hardware.gpu_mem")
+
+
+def test_parse_budgets_reads_every_tier_and_names_every_bad_one():
+    hardware = HardwareConfig(gpu_mem="1KiB", cpu_mem=2048, disk_mem="1GB")
+    assert parse_budgets(hardware) == {"gpu": 1024, "cpu": 2048, "disk": 10**9}
+    with pytest.raises(ConfigError, match=r"hardware.gpu_mem='lots'.*; hardware.disk_mem=0"):
+        parse_budgets(HardwareConfig(gpu_mem="lots", disk_mem=0))
+    with pytest.raises(ConfigError) as err:  # validate reports them with the other problems
+        validate(compose_run(["hardware.gpu_mem=lots", "hardware.disk_mem=0",
+                              "workload.gen_len=0"]))
+    assert all(key in str(err.value) for key in ("gpu_mem", "disk_mem", "workload.gen_len"))

@@ -16,10 +16,12 @@ from __future__ import annotations
 import torch
 
 from flexgen_lab.engine import compress
+from flexgen_lab.engine.disk import ALIGN
 from flexgen_lab.engine.placement import batch_ranges, split_units
 from flexgen_lab.engine.policy import Placement
 from flexgen_lab.engine.tiers import Tiers, nbytes_of
 from flexgen_lab.engine.transfer import Links
+from flexgen_lab.units import ceil_div, round_up
 
 
 class Segment:
@@ -38,10 +40,9 @@ class Segment:
             offset = 0
             for name, (shape, _) in shapes.items():
                 self.offsets[name] = offset
-                offset += -(-shape[0] * self.row_bytes[name] // 4096) * 4096
+                offset += round_up(shape[0] * self.row_bytes[name], ALIGN)
             tiers["disk"].reserve(offset, what)
             self.file = disk_dir.file(what.replace(":", "_").replace(" ", "_"), offset)
-            self.disk_bytes = offset
         else:
             self.arrays = {name: tiers.empty(tier, shape, dtype, what)
                            for name, (shape, dtype) in shapes.items()}
@@ -102,7 +103,7 @@ def stored_shapes(S: int, n: int, spec, dtype: torch.dtype,
     shape = (S, n, spec.num_kv_heads, spec.head_dim)
     if config is None:
         return {"k": (shape, dtype), "v": (shape, dtype)}
-    groups = -(-spec.head_dim // config.group_size)
+    groups = ceil_div(spec.head_dim, config.group_size)
     packed = (*shape[:-1], groups * config.group_size * config.bits // 8)
     scales = (*shape[:-1], groups, 2)
     return {f"{kv}.{a}": s for kv in "kv" for a, s in

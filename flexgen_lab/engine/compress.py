@@ -32,9 +32,14 @@ from dataclasses import dataclass
 
 import torch
 
+from flexgen_lab.units import ceil_div
+
 ALLOWED_BITS = (4, 8)
-# scale is stored in float16; groups with a range below q_max / FP16_MAX (constant ones included)
-# get this scale instead of inf, so their codes stay 0..q_max and nothing turns NaN.
+# scale and min are stored in float16 (the byte models count them so, from shapes alone). Values
+# saturate at +-FP16_MAX first, so every span is at most 2 * FP16_MAX and every scale at least
+# q_max / (2 * FP16_MAX), a normal float16: none underflows to 0 (which decoded as 0 / 0 = NaN).
+# Groups with a range below q_max / FP16_MAX (constant ones included) get scale FP16_MAX instead
+# of inf, so their codes stay 0..q_max.
 FP16_MAX = torch.finfo(torch.float16).max
 
 
@@ -81,12 +86,6 @@ class Compressed:
         """Bytes held at home (codes + scales): what a copy between tiers moves."""
         return self.data.nbytes + self.scale_min.nbytes
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Compressed:
-        """The same compressed tensor with both parts on `device`."""
-        return Compressed(self.data.to(device, non_blocking=non_blocking),
-                          self.scale_min.to(device, non_blocking=non_blocking),
-                          self.shape, self.dtype, self.config)
-
 
 def _axis(ndim: int, config: CompressionConfig) -> int:
     """config.group_dim as a non-negative axis of an ndim-d tensor."""
@@ -104,7 +103,7 @@ def compressed_nbytes(shape: tuple[int, ...] | torch.Size, config: CompressionCo
     """
     ax = _axis(len(shape), config)
     n = shape[ax]
-    num_groups = math.ceil(n / config.group_size)
+    num_groups = ceil_div(n, config.group_size)
     rest = math.prod(size for i, size in enumerate(shape) if i != ax)  # positions off the axis
     code_bytes = num_groups * config.group_size * config.bits // 8
     return rest * (code_bytes + num_groups * 2 * 2)
@@ -119,23 +118,28 @@ def quantize(x: torch.Tensor, config: CompressionConfig) -> Compressed:
     so dequantize uses exactly the values the codes were made with. Error per element is then at
     most half a step, (max - min) / q_max / 2, plus float16 rounding of min and scale.
     Padding repeats the axis's last element, so it never widens the last group's range.
-    Values beyond the float16 range (|x| > 65504) are clamped there.
+    The scale is rounded up to float16, so code / scale never overshoots the group's max and a
+    float16 x decodes finite even at +-65504.
+    Values beyond float16's range (|x| > 65504, inf) saturate at +-65504: the KV cache, quantized
+    every step, relies on that (checking would cost a host sync per step). Weights go through
+    `check_fp16_range` first, which refuses them instead. NaN stays NaN within its group.
     """
     ax = _axis(x.dim(), config)
     g, q_max = config.group_size, config.q_max
     n = x.shape[ax]
-    num_groups = math.ceil(n / g)
-    rows = x.detach().to(torch.float32).movedim(ax, -1)  # (*pre, *post, n)
+    num_groups = ceil_div(n, g)
+    # saturate first (see the docstring): a copy, so x itself is never changed
+    rows = x.detach().float().clamp(-FP16_MAX, FP16_MAX).movedim(ax, -1)  # (*pre, *post, n)
     lead = rows.shape[:-1]
     pad = num_groups * g - n
     if pad:
         rows = torch.cat([rows, rows[..., -1:].expand(*lead, pad)], dim=-1)
     groups = rows.reshape(*lead, num_groups, g)  # (*pre, *post, G, g)
 
-    low = groups.amin(dim=-1).clamp(-FP16_MAX, FP16_MAX).half()  # (*pre, *post, G)
+    low = groups.amin(dim=-1).half()  # (*pre, *post, G)
     span = (groups.amax(dim=-1) - low.float()).clamp(min=0)
     # span 0 (constant group) gives inf, capped: codes become 0 and decode exactly to `low`.
-    scale = (q_max / span).clamp(max=FP16_MAX).half()
+    scale = _half_rounded_up((q_max / span).clamp(max=FP16_MAX))
     codes = ((groups - low.float()[..., None]) * scale.float()[..., None])
     codes = codes.round_().clamp_(0, q_max).to(torch.uint8)  # (*pre, *post, G, g)
     codes = codes.reshape(*lead, num_groups * g)
@@ -146,6 +150,28 @@ def quantize(x: torch.Tensor, config: CompressionConfig) -> Compressed:
     scale_min = torch.stack([scale, low], dim=-1)  # (*pre, *post, G, 2)
     scale_min = scale_min.movedim((-2, -1), (ax, ax + 1)).contiguous()  # (*pre, G, 2, *post)
     return Compressed(data, scale_min, tuple(x.shape), x.dtype, config)
+
+
+def _half_rounded_up(x: torch.Tensor) -> torch.Tensor:
+    """float32 x (positive, at most FP16_MAX) as the smallest float16 >= x."""
+    rounded = x.half()
+    up = torch.nextafter(rounded, torch.full_like(rounded, torch.inf))
+    return torch.where(rounded.float() < x, up, rounded)
+
+
+def check_fp16_range(x: torch.Tensor, name: str) -> None:
+    """Refuse a tensor quantize would saturate (|x| > 65504, inf, NaN), naming it.
+
+    For weights, quantized once at placement, where a clear error beats silently changed values.
+    """
+    if x.numel() == 0:
+        return
+    low, high = torch.aminmax(x.detach())  # no |x| copy of a whole weight; NaN if x holds one
+    largest = max(-low.item(), high.item())
+    if not largest <= FP16_MAX:  # NaN fails this too
+        raise ValueError(f"compress: {name} holds |x| = {largest:.4g}, beyond float16's range "
+                         f"(+-{FP16_MAX:.0f}), where compression keeps scale and minimum; run it "
+                         "without weight compression (compress=none or compress=cache)")
 
 
 @torch.no_grad()

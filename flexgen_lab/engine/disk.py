@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from flexgen_lab.units import round_up
+
 ALIGN = 4096
 BOUNCE_MAX = 8 << 20  # bytes per thread: big enough for sequential bandwidth, small for budgets
 MODES = ("direct", "buffered")
@@ -40,7 +42,7 @@ _local = threading.local()
 
 
 def _round_up(x: int) -> int:
-    return -(-x // ALIGN) * ALIGN
+    return round_up(x, ALIGN)
 
 
 def aligned_empty(nbytes: int) -> torch.Tensor:

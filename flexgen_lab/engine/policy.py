@@ -54,11 +54,6 @@ class Policy:
         return self.gpu_batch_size * self.num_gpu_batches
 
     @property
-    def all_resident(self) -> bool:
-        """Everything lives on the compute device: nothing is offloaded."""
-        return self.weights.all_gpu and self.cache.all_gpu and self.activations.all_gpu
-
-    @property
     def uses_disk(self) -> bool:
         """Anything placed on the disk tier (the engine's test for a weight cache, scratch
         files and bounce buffers)."""

@@ -67,10 +67,3 @@ class SplitArray:
                 links.read(self.disk, self.disk_offset, buf, token)
                 links.copy(target, buf, "cpu_to_gpu", token)
 
-    def free(self) -> None:
-        for tier, part in self.parts.items():
-            self.tiers.free(tier, part, self.what)
-        if "disk" in self.rows:
-            start, stop = self.rows["disk"]
-            self.tiers["disk"].release((stop - start) * self.row_bytes, self.what)
-

@@ -91,9 +91,6 @@ class Tiers:
             return aligned_empty(nbytes).view(dtype).view(shape)
         raise ValueError(f"tier {tier!r} holds no tensors; disk data lives in DiskFiles")
 
-    def free(self, tier: str, tensor: torch.Tensor, what: str) -> None:
-        self.tiers[tier].release(tensor.nbytes, what)
-
     def checkpoint(self) -> dict[str, int]:
         """Bytes in use now; `restore` releases everything reserved after this point."""
         return {name: tier.used for name, tier in self.tiers.items()}

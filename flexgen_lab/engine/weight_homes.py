@@ -29,12 +29,14 @@ from flexgen_lab.engine.split_array import SplitArray
 from flexgen_lab.engine.tiers import Tiers, nbytes_of
 from flexgen_lab.engine.transfer import Links
 from flexgen_lab.models.weights import part_names
+from flexgen_lab.units import ceil_div, round_up
 
 
-def stored_arrays(tensor: torch.Tensor, config: compress.CompressionConfig | None):
+def stored_arrays(tensor: torch.Tensor, config: compress.CompressionConfig | None, name: str):
     """A tensor's stored form: {"value"} or, compressed, {"data", "scale_min"}; rows per unit."""
     if config is None or tensor.dim() < 2:
         return {"value": (tensor, 1)}
+    compress.check_fp16_range(tensor, f"weight {name}")  # refused, not saturated
     packed = compress.quantize(tensor, config)
     rows_per_group = config.group_size * config.bits // 8
     return {"data": (packed.data, rows_per_group), "scale_min": (packed.scale_min, 1)}
@@ -95,10 +97,10 @@ class WeightCache:
         layout, arrays, offset = {}, [], 0
         for name, tensor in tensors.items():
             layout[name] = {}
-            for array, (value, _) in stored_arrays(tensor, config).items():
+            for array, (value, _) in stored_arrays(tensor, config, f"{key}.{name}").items():
                 layout[name][array] = offset
                 arrays.append((offset, value.contiguous()))
-                offset += -(-value.nbytes // ALIGN) * ALIGN
+                offset += round_up(value.nbytes, ALIGN)
         with DiskFile(tmp / f"{key}.bin", max(offset, ALIGN), self.mode) as f:
             for start, value in arrays:
                 f.write_from(start, value)
@@ -204,9 +206,9 @@ class WeightHomes:
                         if stage else None for s in range(self.num_slots)]
 
     def _home(self, key, name, tensor, share, cache) -> TensorHome:
-        arrays = {}
-        for array, (value, rows_per_unit) in stored_arrays(tensor, self.config).items():
-            units = -(-value.shape[0] // rows_per_unit)
+        arrays, stored = {}, stored_arrays(tensor, self.config, f"{key}.{name}")
+        for array, (value, rows_per_unit) in stored.items():
+            units = ceil_div(value.shape[0], rows_per_unit)
             split = split_units(units, share)
             rows = {t: (a * rows_per_unit, min(b * rows_per_unit, value.shape[0]))
                     for t, (a, b) in split.ranges().items()}

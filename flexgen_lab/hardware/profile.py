@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from flexgen_lab.config import ConfigError, HardwareConfig, parse_bytes
+from flexgen_lab.config import ConfigError, HardwareConfig, parse_budgets
 
 SPEED_FIELDS = ("bw_cpu_to_gpu", "bw_gpu_to_cpu_cache", "bw_gpu_to_cpu_hidden", "bw_disk_to_cpu",
                 "bw_cpu_to_disk_cache_prefill", "bw_cpu_to_disk_hidden_prefill",
@@ -76,8 +76,7 @@ class HardwareProfile:
             raise ConfigError(f"hardware.safety_factor={cfg.safety_factor!r}: must be in (0, 1]")
         return HardwareProfile(
             name=cfg.name, source=cfg.source,
-            **{k: parse_bytes(getattr(cfg, k), f"hardware.{k}")
-               for k in ("gpu_mem", "cpu_mem", "disk_mem")},
+            **{f"{tier}_mem": nbytes for tier, nbytes in parse_budgets(cfg).items()},
             cpu_correction=tuple(float(c) for c in cfg.cpu_correction),
             safety_factor=float(cfg.safety_factor),
             step_overhead_s=float(cfg.step_overhead_s), **speeds)

@@ -7,11 +7,14 @@ b batch, t new tokens, h hidden, nh query heads, nkv key/value heads, d head_dim
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 
 from flexgen_lab.models import ops
-from flexgen_lab.models.spec import ModelSpec
+
+if TYPE_CHECKING:  # type hints only: spec imports families, which imports this module
+    from flexgen_lab.models.spec import ModelSpec
 
 
 def layer_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

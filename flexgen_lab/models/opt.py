@@ -7,10 +7,14 @@ tokens, h hidden, nh heads, d head_dim, f ffn, v vocab.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from flexgen_lab.models import ops
-from flexgen_lab.models.spec import ModelSpec
+
+if TYPE_CHECKING:  # type hints only: spec imports families, which imports this module
+    from flexgen_lab.models.spec import ModelSpec
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq leftover)
 

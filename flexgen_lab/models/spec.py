@@ -10,8 +10,11 @@ disagree about how many bytes a layer, a KV cache or an activation takes.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from flexgen_lab.models import families
 
 FAMILIES = ("opt", "llama")
 
@@ -75,27 +78,21 @@ class ModelSpec:
 
     def layer_param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Parameter name -> shape for one decoder layer (names as in the HF checkpoints)."""
-        from flexgen_lab.models import families
-
         return families.get(self.family).layer_shapes(self)
 
     def embedding_param_shapes(self) -> dict[str, tuple[int, ...]]:
-        from flexgen_lab.models import families
-
         return families.get(self.family).embedding_shapes(self)
 
     def head_param_shapes(self) -> dict[str, tuple[int, ...]]:
-        from flexgen_lab.models import families
-
         return families.get(self.family).head_shapes(self)
 
     def layer_weight_bytes(self, dtype_bytes: int) -> int:
-        return sum(_numel(s) for s in self.layer_param_shapes().values()) * dtype_bytes
+        return sum(math.prod(s) for s in self.layer_param_shapes().values()) * dtype_bytes
 
     def weight_bytes(self, dtype_bytes: int) -> int:
         """All weights: embeddings, every layer, final norm and (untied) output head."""
         outer = {**self.embedding_param_shapes(), **self.head_param_shapes()}
-        outer_bytes = sum(_numel(s) for s in outer.values()) * dtype_bytes
+        outer_bytes = sum(math.prod(s) for s in outer.values()) * dtype_bytes
         return outer_bytes + self.num_layers * self.layer_weight_bytes(dtype_bytes)
 
     def kv_cache_bytes(self, batch: int, seq: int, dtype_bytes: int) -> int:
@@ -108,16 +105,6 @@ class ModelSpec:
 
     def num_params(self) -> int:
         return self.weight_bytes(1)
-
-    def with_name(self, name: str) -> ModelSpec:
-        return replace(self, name=name)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def spec_from_hf_dict(cfg: dict, name: str) -> ModelSpec:

@@ -28,6 +28,7 @@ from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import predict
+from flexgen_lab.units import TORCH_DTYPES
 
 # fitted factor -> the profile fields it scales together
 SPEED_GROUPS = {
@@ -182,7 +183,7 @@ def observation_from_row(row: dict) -> Observation:
         compress_weight=row["compress"] in ("weight", "weight+cache"),
         compress_cache=row["compress"] in ("cache", "weight+cache"),
         compress_bits=int(row["compress_bits"]), compress_group_size=int(row["compress_group"]))
-    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[row["dtype"]]
+    dtype_bytes = TORCH_DTYPES[row["dtype"]].itemsize
     return Observation(spec, policy, row["schedule"], int(row["prompt_len"]),
                        int(row["gen_len"]), int(row["num_prompts"]), dtype_bytes,
                        float(row["prefill_s"]), float(row["decode_s"]), int(row["run_id"]))

@@ -15,8 +15,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
-
 from flexgen_lab.engine.cache_homes import stored_shapes
 from flexgen_lab.engine.compress import CompressionConfig, compressed_nbytes
 from flexgen_lab.engine.disk import ALIGN
@@ -29,8 +27,9 @@ from flexgen_lab.engine.workspace import step_workspace_bytes
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import part_shapes
 from flexgen_lab.planner.traffic import stored_forms
+from flexgen_lab.units import FLOAT_OF_SIZE as DTYPES
+from flexgen_lab.units import ceil_div, round_up
 
-DTYPES = {2: torch.float16, 4: torch.float32}
 # fraction variables, in the paper's names: weights w*, cache c*, activations h*
 VARIABLES = ("wg", "wc", "wd", "cg", "cc", "cd", "hg", "hc", "hd")
 
@@ -61,7 +60,7 @@ def fractions(policy: Policy) -> dict[str, float]:
 
 def _stored_bytes(shape, dtype, config) -> int:
     if config is None or len(shape) < 2:
-        return int(torch.tensor(shape).prod()) * dtype.itemsize
+        return nbytes_of(shape, dtype)
     return compressed_nbytes(shape, config)
 
 
@@ -237,7 +236,7 @@ def _part_arrays(spec: ModelSpec, part: str, policy: Policy, dtype,
     for shape in shapes.values():
         stored = stored_forms(shape, dtype, config)
         for array_shape, array_dtype, rows_per_unit in stored:
-            units = -(-array_shape[0] // rows_per_unit)
+            units = ceil_div(array_shape[0], rows_per_unit)
             row_bytes = nbytes_of(array_shape[1:], array_dtype)
             tiers = tuple((tier, (min(b * rows_per_unit, array_shape[0]) - a * rows_per_unit)
                            * row_bytes)
@@ -285,7 +284,7 @@ def _cache_items(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
             sizes = [nbytes_of(*shape) for shape in
                      stored_shapes(S, b - a, spec, dtype, config).values()]
             if tier == "disk":  # each array's file region starts on a 4 KiB boundary
-                sizes = [-(-n // ALIGN) * ALIGN for n in sizes]
+                sizes = [round_up(n, ALIGN) for n in sizes]
             out[tier] += spec.num_layers * sum(sizes)
             largest[tier] = max(largest.get(tier, 0), b - a)
     if gen_len < 2:

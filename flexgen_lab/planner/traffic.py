@@ -26,8 +26,7 @@ from flexgen_lab.engine.tiers import nbytes_of
 from flexgen_lab.engine.transfer import LINKS
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import part_names, part_shapes
-
-DTYPES = {1: torch.uint8, 2: torch.float16, 4: torch.float32}
+from flexgen_lab.units import FLOAT_OF_SIZE, ceil_div
 
 
 def weight_tier_bytes(spec: ModelSpec, policy: Policy, dtype: torch.dtype) -> list[Counter]:
@@ -50,7 +49,7 @@ def _part_tier_bytes(spec: ModelSpec, part: str, share: Placement, dtype: torch.
     tiers: Counter = Counter()
     for shape in shapes.values():
         for array_shape, array_dtype, rows_per_unit in stored_forms(shape, dtype, config):
-            units = -(-array_shape[0] // rows_per_unit)
+            units = ceil_div(array_shape[0], rows_per_unit)
             row_bytes = nbytes_of(array_shape[1:], array_dtype)
             for tier, (a, b) in split_units(units, share).ranges().items():
                 rows = min(b * rows_per_unit, array_shape[0]) - a * rows_per_unit
@@ -62,7 +61,7 @@ def stored_forms(shape, dtype, config):
     """(array shape, dtype, rows per unit) of a tensor's stored form (as weight_homes)."""
     if config is None or len(shape) < 2:
         return [(shape, dtype, 1)]
-    groups = -(-shape[0] // config.group_size)
+    groups = ceil_div(shape[0], config.group_size)
     rows_per_group = config.group_size * config.bits // 8
     return [((groups * rows_per_group, *shape[1:]), torch.uint8, rows_per_group),
             ((groups, 2, *shape[1:]), torch.float16, 1)]
@@ -92,7 +91,7 @@ def window_bytes(spec: ModelSpec, policy: Policy, schedule: str, prompt_len: int
     and activation traffic belongs to the step that reads or writes it. `kinds` selects
     whose traffic is counted.
     """
-    dtype = DTYPES[dtype_bytes]
+    dtype = FLOAT_OF_SIZE[dtype_bytes]
     moved = {phase: {w: Counter() for w in WINDOWS} for phase in ("prefill", "decode")}
     if "weights" in kinds:
         _weights(moved, spec, policy, schedule, gen_len, dtype)
@@ -246,7 +245,7 @@ class OpTraffic:
 
     def __init__(self, spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
                  dtype_bytes: int):
-        dtype = DTYPES[dtype_bytes]
+        dtype = FLOAT_OF_SIZE[dtype_bytes]
         self.spec, self.policy, self.prompt_len, self.gen_len = spec, policy, prompt_len, gen_len
         self.parts = weight_tier_bytes(spec, policy, dtype)
         self.cache = [cache_rows(spec, policy, k, dtype) for k in range(policy.num_gpu_batches)]

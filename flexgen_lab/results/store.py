@@ -29,7 +29,7 @@ import pandas as pd
 
 STATUSES = ("ok", "oom", "error", "skipped")
 
-# Columns of `runs`, in order (DESIGN.md, "Contracts": store schema). Units live in the names:
+# Columns of `runs`, in order (docs/architecture.md, "Contracts": store schema). Units live in the names:
 # *_s seconds, *_bytes bytes, *_throughput tokens/s; placement fractions (w_*, c_*, a_*) in [0, 1];
 # booleans (cpu_delegation, overlap) as 0/1.
 RUN_COLUMNS_V1: list[tuple[str, str]] = [

@@ -25,7 +25,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from flexgen_lab.__main__ import load_profile
+from flexgen_lab.compose import load_profile
 from flexgen_lab.engine.batch import Callbacks
 from flexgen_lab.engine.engine import Engine
 from flexgen_lab.engine.policy import Placement, Policy

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flexgen_lab.engine.compress import (
+    FP16_MAX,
     CompressionConfig,
+    check_fp16_range,
     compressed_nbytes,
     dequantize,
     quantize,
@@ -16,10 +20,12 @@ from flexgen_lab.engine.compress import (
 FP16_ROUND = 2.0**-11  # float16's relative rounding error (half an ulp)
 
 
-def error_bound(x: torch.Tensor, config: CompressionConfig) -> torch.Tensor:
+def error_bound(x: torch.Tensor, config: CompressionConfig,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per element of x: half a quantisation step of its group, plus float16/output rounding.
 
-    Groups come from the data alone (real elements only, padding excluded).
+    Groups come from the data alone (real elements only, padding excluded); the output is cast
+    to out_dtype (default x.dtype).
     """
     ax, g, q_max = config.group_dim % x.dim(), config.group_size, 2**config.bits - 1
     rows = x.float().movedim(ax, -1)
@@ -35,7 +41,7 @@ def error_bound(x: torch.Tensor, config: CompressionConfig) -> torch.Tensor:
     step = torch.maximum(step, torch.tensor(1 / torch.finfo(torch.float16).max))  # tiny ranges
     per_group = step / 2 * (1 + 4 * FP16_ROUND) + min_rounding  # scale stored as float16
     per_elem = per_group.expand(*rows.shape[:-1], num_groups, g).reshape(*rows.shape[:-1], -1)
-    out_rounding = rows.abs() * torch.finfo(x.dtype).eps  # casting x_hat back to x.dtype
+    out_rounding = rows.abs() * torch.finfo(out_dtype or x.dtype).eps  # casting x_hat back
     return (per_elem[..., :n] + 2 * out_rounding).movedim(-1, ax)
 
 
@@ -77,6 +83,78 @@ def test_head_dim_smaller_than_group_is_finite():
     x_hat = dequantize(c)
     assert torch.isfinite(x_hat).all()
     assert (x_hat[0, 0, 0] == 1.25).all()
+
+
+# Values that broke float16 scale and minimum: a group spanning +-1e9 or reaching inf decoded to
+# NaN (its scale underflowed to 0), one spanning +-7e4 decoded -7e4 as -65504 but 7e4 as 7e4.
+LARGE = [1e9, -1e9, 7e4, -7e4, FP16_MAX, -FP16_MAX, 65520.0, float("inf"), float("-inf")]
+VALUES = st.one_of(st.sampled_from([*LARGE, 0.0, 1e-8, -3.0]), st.floats(-1e10, 1e10, width=32),
+                   st.floats(-4.0, 4.0, width=32))
+
+
+@st.composite
+def tensors_and_configs(draw):
+    """A (rows, cols) tensor of VALUES in float32, bfloat16 or float16 (where beyond 65504 is
+    inf), and a config grouping along either axis."""
+    rows, cols = draw(st.integers(1, 9)), draw(st.integers(1, 4))
+    values = draw(st.lists(VALUES, min_size=rows * cols, max_size=rows * cols))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    config = CompressionConfig(bits=draw(st.sampled_from([4, 8])),
+                               group_size=draw(st.sampled_from([2, 4, 6])),
+                               group_dim=draw(st.sampled_from([0, -1])))
+    return torch.tensor(values).reshape(rows, cols).to(dtype), config
+
+
+@settings(max_examples=150, derandomize=True, database=None, deadline=None)
+@given(tensors_and_configs())
+def test_values_beyond_float16_saturate_and_never_decode_nan(case):
+    """The KV cache's case (quantized every step, unchecked): beyond +-65504 (inf included)
+    stores exactly what +-65504 stores, and decodes finite, within half a step of it."""
+    x, config = case
+    saturated = x.float().clamp(-FP16_MAX, FP16_MAX)
+    c, expected = quantize(x, config), quantize(saturated, config)
+    assert torch.equal(c.data, expected.data) and torch.equal(c.scale_min, expected.scale_min)
+    scale = c.scale_min.select(config.group_dim % 2 + 1, 0)  # (G, 2, cols) or (rows, G, 2)
+    assert torch.isfinite(scale).all() and (scale >= 2**-14).all()  # normal float16, never 0
+    x_hat = dequantize(c)
+    assert x_hat.dtype == x.dtype and torch.isfinite(x_hat).all()
+    err = (x_hat.float() - saturated).abs()
+    assert (err <= error_bound(saturated, config, out_dtype=x.dtype)).all(), err.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("large", [1e9, 7e4, float("inf")])
+def test_group_spanning_large_values_decodes_symmetrically(large, bits, dtype):
+    x = torch.tensor([-large, -1.0, 0.0, 0.5, large]).to(dtype)  # one padded group of 6
+    x_hat = roundtrip(x, CompressionConfig(bits=bits, group_size=6)).float()
+    half_step = 2 * FP16_MAX / (2**bits - 1) / 2
+    assert torch.isfinite(x_hat).all()
+    expected = torch.tensor([-FP16_MAX, -1.0, 0.0, 0.5, FP16_MAX])
+    assert ((x_hat - expected).abs() <= half_step * 1.01).all(), x_hat
+    assert x_hat[0] == x_hat.new_tensor(-FP16_MAX).to(dtype)  # both ends saturate
+    assert x_hat[4] > FP16_MAX - half_step
+
+
+def test_float16_at_its_limits_decodes_finite():
+    """The scale is rounded up to float16, so the group's top code never decodes past 65504
+    (rounded to nearest it could: 65504 + 64 casts to inf)."""
+    for top in (FP16_MAX, 65000.0, 60000.0, 1.0):
+        x = torch.tensor([-FP16_MAX, -1.0, top], dtype=torch.float16)
+        for bits in (4, 8):
+            x_hat = roundtrip(x, CompressionConfig(bits=bits, group_size=4))
+            assert torch.isfinite(x_hat).all() and x_hat.max() <= top, (top, bits, x_hat)
+
+
+@pytest.mark.parametrize("value", [1e9, -7e4, 65520.0, float("inf"), float("nan")])
+def test_check_fp16_range_refuses_naming_the_tensor(value):
+    w = torch.randn(8, 4)
+    w[3, 1] = value
+    with pytest.raises(ValueError, match=r"layer0002\.fc1\.weight.*compress=none"):
+        check_fp16_range(w.to(torch.bfloat16), "layer0002.fc1.weight")
+    w[3, 1] = -FP16_MAX  # the largest float16 still fits
+    check_fp16_range(w, "layer0002.fc1.weight")
+    check_fp16_range(torch.empty(0, 4), "empty")
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -151,11 +229,6 @@ def test_dequantize_writes_into_out():
     assert torch.equal(out, dequantize(c))
     with pytest.raises(ValueError, match="dtype"):
         dequantize(c, out=torch.empty(70, 12))
-
-
-def test_to_moves_both_parts():
-    c = quantize(torch.randn(64, 4), CompressionConfig()).to("cpu")
-    assert c.data.device.type == c.scale_min.device.type == "cpu"
 
 
 @pytest.mark.parametrize(

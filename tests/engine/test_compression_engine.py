@@ -62,3 +62,54 @@ def test_compression_changes_the_logits():
     _, packed = reference(spec, source, Policy(compress_weight=True, compress_cache=True), ids,
                           mask, GEN_LEN)
     assert (exact - packed).abs().max() > 1e-3
+
+
+class OneTensorChanged(DummyWeights):
+    """Dummy weights with one tensor of layer 0 changed in place by `change` (to values a
+    float32 model holds but float16 does not)."""
+
+    def __init__(self, spec, seed, name, change):
+        super().__init__(spec, seed)
+        self.name, self.change = name, change
+
+    def identity(self) -> str:  # other bytes: another weight cache
+        return f"{super().identity()}:{self.name} changed"
+
+    def part(self, part, layer, dtype):
+        tensors = super().part(part, layer, dtype)
+        if (part, layer) == ("layer", 0):
+            self.change(tensors[self.name])
+        return tensors
+
+
+@pytest.mark.parametrize("placement", ["resident", "mixed"])  # mixed: the disk weight cache too
+def test_weight_beyond_float16_is_refused_naming_it(placement, tmp_path):
+    spec = ModelSpec.from_name("opt-tiny")
+    source = OneTensorChanged(spec, 7, "fc1.weight", lambda w: w[5, 3].fill_(-7e4))
+    policy = Policy(gpu_batch_size=BATCH, compress_weight=True, **PLACEMENTS[placement])
+    with pytest.raises(ValueError, match=r"weight layer0000\.fc1\.weight holds \|x\| = 7e\+04"):
+        Engine(spec, source, policy, offload_dir=tmp_path)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no half-built weight cache
+    with Engine(spec, source, Policy(gpu_batch_size=BATCH), offload_dir=tmp_path) as engine:
+        assert engine.placed["weights"]  # uncompressed, the same weights place fine
+
+
+def test_cache_beyond_float16_saturates_as_the_reference_does(tmp_path):
+    """The KV cache is quantized every step, unchecked: V rows at +-1e9 and -7e4 (a bias pushes
+    them there) saturate at +-65504, as the reference's round trip does; nothing turns NaN."""
+    spec = ModelSpec.from_name("opt-tiny")
+
+    def push(bias):
+        bias[0::2], bias[1::2] = 1e9, -7e4
+
+    source = OneTensorChanged(spec, 7, "self_attn.v_proj.bias", push)
+    ids, mask = synthetic_prompts(spec, BATCH, PROMPT_LEN, seed=3)
+    policy = Policy(gpu_batch_size=BATCH, compress_cache=True, **PLACEMENTS["mixed"])
+    ref_tokens, ref_logits = reference(spec, source, policy, ids, mask, GEN_LEN)
+    seen = Logits()
+    with Engine(spec, source, policy, callbacks=seen, offload_dir=tmp_path) as engine:
+        out = engine.generate(ids, mask, GEN_LEN)
+    ours = torch.stack([seen.seen[i] for i in range(GEN_LEN)], 1)
+    assert torch.isfinite(ours).all() and torch.isfinite(ref_logits).all()
+    assert torch.equal(out.output_ids, ref_tokens)
+    torch.testing.assert_close(ours, ref_logits, atol=1e-4, rtol=0)

@@ -1,4 +1,4 @@
-"""Schedules visit every (token, layer, batch) once, in the order DESIGN.md defines."""
+"""Schedules visit every (token, layer, batch) once, in the order docs/architecture.md defines."""
 
 from __future__ import annotations
 

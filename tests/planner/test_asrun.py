@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from flexgen_lab.__main__ import CONF_DIR, compose_run_config
+from flexgen_lab.compose import CONF_DIR, compose_run_config
 from flexgen_lab.config import PolicyConfig, RunConfig
 from flexgen_lab.engine.policy import Placement
 from flexgen_lab.models.spec import ModelSpec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flexgen_lab.__main__ import load_profile
+from flexgen_lab.compose import load_profile
 from flexgen_lab.config import ConfigError
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.hardware.profile import HardwareProfile, parse_rate

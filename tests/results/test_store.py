@@ -20,7 +20,7 @@ from flexgen_lab.results.store import (
 )
 from flexgen_lab.results.tables import RECENT_COLUMNS, format_table, recent_runs
 
-# The contract, copied from DESIGN.md on purpose: a change to the schema must change this too.
+# The contract, copied from docs/architecture.md on purpose: a change to the schema must change this too.
 CONTRACT_COLUMNS = [
     "run_id", "created_at", "status", "error", "config_hash", "config_json", "system", "backend",
     "device", "hardware", "dtype", "seed", "model", "schedule", "compress", "compress_bits",
