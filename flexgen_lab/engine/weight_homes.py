@@ -52,7 +52,7 @@ def slot_layout(sizes: list[int]) -> tuple[list[int], int]:
     offsets, end = [], 0
     for size in sizes:
         offsets.append(end)
-        end += -(-size // SLOT_ALIGN) * SLOT_ALIGN
+        end += round_up(size, SLOT_ALIGN)
     return offsets, end
 
 
