@@ -85,14 +85,19 @@ def _summary(result, store_path: str) -> str:
 def _search_task(cfg) -> None:
     """Hydra's task for `search`: the LP's best policy for the configured model and machine."""
     from flexgen_lab.config import ConfigError, validate
-    from flexgen_lab.hardware.profile import HardwareProfile
     from flexgen_lab.planner.search import search
-    from flexgen_lab.runner import TORCH_DTYPES, compute_device, resolve_dtype, to_policy
+    from flexgen_lab.runner import (
+        TORCH_DTYPES,
+        compute_device,
+        resolve_dtype,
+        run_profile,
+        to_policy,
+    )
 
     try:
         run_cfg = to_run_config(cfg)
         spec = validate(run_cfg)
-        profile = HardwareProfile.from_config(run_cfg.hardware)
+        profile = run_profile(run_cfg, compute_device())  # with the run's I/O workers
         dtype = TORCH_DTYPES[resolve_dtype(run_cfg.dtype, compute_device())]
         w = run_cfg.workload
         p = run_cfg.policy

@@ -93,6 +93,7 @@ class HardwareConfig:
     cpu_flops: Any = None  # CPU attention, times the original's batch/hidden correction:
     cpu_correction: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # c1 c2 c3
     safety_factor: float = 0.8  # share of each capacity a searched policy may plan to use
+    io_workers: Any = None  # I/O workers (loads and stores in flight); null: the device's default
 
 
 @dataclass
@@ -136,6 +137,7 @@ class DistributedConfig:
 class EngineConfig:
     offload_dir: str = "results/offload"
     disk_io: str = "direct"
+    io_workers: Any = None  # overrides hardware.io_workers; null: the profile's, else the device's
 
 
 @dataclass
@@ -211,6 +213,10 @@ def _choice(key: str, value: Any, allowed: tuple) -> list[str]:
     return [] if value in allowed else [f"{key}={value!r}: allowed values are {list(allowed)}"]
 
 
+def _positive_or_null(key: str, value: Any) -> list[str]:
+    return [] if value is None else _positive(key, value)
+
+
 def _positive(key: str, value: Any) -> list[str]:
     if isinstance(value, int) and value > 0:
         return []
@@ -266,7 +272,9 @@ def _check_sizes(cfg: RunConfig) -> list[str]:
     out = (_positive("workload.prompt_len", w.prompt_len) + _positive("workload.gen_len", w.gen_len)
            + _positive("policy.gpu_batch_size", p.gpu_batch_size)
            + _positive("policy.num_gpu_batches", p.num_gpu_batches)
-           + _positive("distributed.world_size", cfg.distributed.world_size))
+           + _positive("distributed.world_size", cfg.distributed.world_size)
+           + _positive_or_null("engine.io_workers", cfg.engine.io_workers)
+           + _positive_or_null("hardware.io_workers", cfg.hardware.io_workers))
     if w.num_prompts is not None:
         out += _positive("workload.num_prompts", w.num_prompts)
     if cfg.search.max_block_size is not None:

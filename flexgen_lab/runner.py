@@ -28,6 +28,7 @@ from flexgen_lab.engine.engine import Callbacks, Engine, Generation, Sampling
 from flexgen_lab.engine.memory import PeakRSS
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.tiers import Tiers
+from flexgen_lab.engine.transfer import DEFAULT_IO_WORKERS, IO_THREADS
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import open_weights
@@ -193,9 +194,23 @@ def config_columns(cfg: RunConfig, spec: ModelSpec, dtype: str, device: torch.de
     )
 
 
-def prediction_columns(cfg: RunConfig, spec: ModelSpec, dtype: str) -> dict:
+def io_workers(cfg: RunConfig, device: torch.device) -> int:
+    """The run's I/O workers: engine.io_workers, else the profile's, else the device's."""
+    for value in (cfg.engine.io_workers, cfg.hardware.io_workers):
+        if value is not None:
+            return value
+    return DEFAULT_IO_WORKERS.get(device.type, IO_THREADS)
+
+
+def run_profile(cfg: RunConfig, device: torch.device) -> HardwareProfile:
+    """The hardware profile predictions for this run use: its I/O workers are the run's."""
+    return HardwareProfile.from_config(cfg.hardware).replace(io_workers=io_workers(cfg, device))
+
+
+def prediction_columns(cfg: RunConfig, spec: ModelSpec, dtype: str,
+                       device: torch.device) -> dict:
     """The cost model's prediction for this run, when the hardware profile has speeds."""
-    profile = HardwareProfile.from_config(cfg.hardware)
+    profile = run_profile(cfg, device)
     if profile.missing_speeds():
         return {}
     policy, w = to_policy(cfg), cfg.workload
@@ -239,11 +254,11 @@ def prepare(cfg: RunConfig) -> tuple[ModelSpec, torch.device, str, dict[str, int
     return spec, device, resolve_dtype(cfg.dtype, device), check_budgets(cfg, device)
 
 
-def searched(cfg: RunConfig, spec: ModelSpec, dtype: str) -> RunConfig:
+def searched(cfg: RunConfig, spec: ModelSpec, dtype: str, device: torch.device) -> RunConfig:
     """policy=search: a copy of cfg whose policy is the LP's best for this machine's budgets."""
     from flexgen_lab.planner.search import search
 
-    profile = HardwareProfile.from_config(cfg.hardware)
+    profile = run_profile(cfg, device)
     profile.require_speeds()
     w = cfg.workload
     found = search(spec, profile, w.prompt_len, w.gen_len, TORCH_DTYPES[dtype].itemsize,
@@ -269,9 +284,10 @@ def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
     spec, device, dtype, budgets = prepare(cfg)
     asked = config_hash(cfg, dtype, device_name(device))
     if cfg.policy.name == "search":
-        cfg = searched(cfg, spec, dtype)
+        cfg = searched(cfg, spec, dtype, device)
     store = ResultStore(cfg.store.path)
-    row = config_columns(cfg, spec, dtype, device, budgets) | prediction_columns(cfg, spec, dtype)
+    row = (config_columns(cfg, spec, dtype, device, budgets)
+           | prediction_columns(cfg, spec, dtype, device))
     row["config_hash"] = asked  # a searched run is known by what was asked
     tracer = TraceRecorder() if cfg.trace else None
     if cfg.backend.name == "simulated":
@@ -305,7 +321,8 @@ def _simulated(cfg: RunConfig, spec: ModelSpec, dtype: str, store: ResultStore, 
     policy, w = to_policy(cfg), cfg.workload
     q = TORCH_DTYPES[dtype].itemsize
     num_prompts = w.num_prompts or policy.block_size
-    peaks = peak_bytes(spec, policy, w.prompt_len, w.gen_len, q)
+    profile = run_profile(cfg, SIMULATED)
+    peaks = peak_bytes(spec, policy, w.prompt_len, w.gen_len, q, profile.workers())
     row |= {f"peak_{tier}_bytes": int(n) for tier, n in peaks.items()}
     over = [f"{tier} tier: modelled peak {int(n)} bytes > capacity {row[f'{tier}_budget_bytes']}"
             for tier, n in peaks.items() if n > row[f"{tier}_budget_bytes"]]
@@ -313,8 +330,8 @@ def _simulated(cfg: RunConfig, spec: ModelSpec, dtype: str, store: ResultStore, 
         message = "BudgetExceeded (simulated): " + "; ".join(over)
         run_id = store.record_run({**row, "status": "oom", "error": message})
         raise RunFailed(message, run_id, "oom")
-    sim = simulate(spec, policy, cfg.schedule.name, HardwareProfile.from_config(cfg.hardware),
-                   w.prompt_len, w.gen_len, q, num_prompts)
+    sim = simulate(spec, policy, cfg.schedule.name, profile, w.prompt_len, w.gen_len, q,
+                   num_prompts)
     if tracer is not None:
         tracer.device = "simulated"
         for record in sim.trace:
@@ -350,7 +367,8 @@ def _execute(cfg: RunConfig, spec: ModelSpec, device: torch.device, dtype: str,
                           policy.pin_memory)
             sampling = Sampling(cfg.workload.temperature, cfg.seed, cfg.workload.stop_token)
             with Engine(spec, weights, policy, cfg.schedule.name, device, torch_dtype,
-                        callbacks, tiers, cfg.engine.offload_dir, cfg.engine.disk_io) as engine:
+                        callbacks, tiers, cfg.engine.offload_dir, cfg.engine.disk_io,
+                        io_workers(cfg, device)) as engine:
                 gen = engine.generate(ids, mask, cfg.workload.gen_len, sampling)
                 extra = engine_columns(engine, tiers, gen)
     extra |= {"peak_rss_bytes": rss.peak_bytes,

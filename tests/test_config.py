@@ -90,6 +90,8 @@ def test_schedules_in_config_are_implemented():
     (["compress=auto"], "only policy=search"),
     (["model.name=gpt-17"], "model.name='gpt-17'"),
     (["policy.compress_bits=3"], "policy.compress_bits=3"),
+    (["engine.io_workers=0"], "engine.io_workers=0"),
+    (["hardware.io_workers=1.5"], "hardware.io_workers=1.5"),
 ])
 def test_bad_values_name_key_value_and_allowed(overrides, needle):
     with pytest.raises(ConfigError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -172,8 +173,8 @@ def test_policy_search_runs_the_searched_policy_and_keeps_the_requested_hash(tmp
         run(cfg)  # hardware=local has capacities but no speeds
     for key, rate in SPEEDS:
         setattr(cfg.hardware, key, rate)
-    cfg.hardware.gpu_mem = "0.95MiB"  # the requested block of 3 x 2, resident, needs more
-    spec, budget = ModelSpec.from_name("opt-tiny"), 0.95 * 2**20
+    cfg.hardware.gpu_mem = "0.9MiB"  # the requested block of 3 x 2, resident, needs more
+    spec, budget = ModelSpec.from_name("opt-tiny"), 0.9 * 2**20
     assert peak_bytes(spec, to_policy(cfg), 16, 8, 4)["gpu"] > budget
     cfg.engine.offload_dir = str(tmp_path / "offload")
     asked = config_hash(cfg, "float32", "cpu")
@@ -201,3 +202,34 @@ def test_cost_model_variant_selects_the_original_formulas(tmp_path):
     cfg.cost_model.variant = "roofline"
     with pytest.raises(ConfigError, match="cost_model.variant='roofline'"):
         run(cfg)
+
+
+class ThreadNames(Callbacks):
+    """The threads the engine's loads and stores ran on (on_op is called on them)."""
+
+    def __init__(self):
+        self.names = set()
+
+    def on_op(self, record):
+        if record["op"] != "compute":
+            self.names.add(threading.current_thread().name)
+
+
+@pytest.mark.parametrize("engine,hardware,expected", [(None, None, 2), (None, 3, 3), (1, 3, 1)])
+def test_io_workers_come_from_the_engine_the_profile_or_the_device(tmp_path, engine, hardware,
+                                                                   expected):
+    """engine.io_workers, else hardware.io_workers, else the device's default (2 on the CPU):
+    the engine's I/O runs on that many threads, and the prediction uses as many."""
+    from flexgen_lab.runner import io_workers, run_profile
+
+    cfg = tiny_config(tmp_path)
+    cfg.engine.io_workers, cfg.hardware.io_workers = engine, hardware
+    cfg.engine.offload_dir = str(tmp_path / "offload")
+    cfg.policy.weights.gpu, cfg.policy.weights.cpu = 0.0, 0.5  # loads on cpu and disk
+    cfg.policy.cache.gpu, cfg.policy.cache.cpu = 0.0, 1.0
+    cpu = torch.device("cpu")
+    assert io_workers(cfg, cpu) == run_profile(cfg, cpu).workers() == expected
+    names = ThreadNames()
+    run(cfg, names)
+    assert names.names and len(names.names) <= expected
+    assert all(name.startswith("io") for name in names.names)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from flexgen_lab.engine import cuda_sync, schedule
+from flexgen_lab.engine import bounce, cuda_sync, schedule
 from flexgen_lab.engine.activation_homes import ActivationHomes
 from flexgen_lab.engine.attention import CacheAttention
 from flexgen_lab.engine.batch import BatchState, Callbacks, Generation, Sampling, pick_tokens
@@ -29,7 +29,7 @@ from flexgen_lab.engine.disk import DiskDir
 from flexgen_lab.engine.memory import release_free_heap
 from flexgen_lab.engine.policy import Policy
 from flexgen_lab.engine.tiers import Tiers
-from flexgen_lab.engine.transfer import Executor, Links, bounce_reserve, wait
+from flexgen_lab.engine.transfer import IO_THREADS, Executor, Links, wait
 from flexgen_lab.engine.weight_homes import WeightCache, WeightHomes
 from flexgen_lab.engine.workspace import step_workspace_bytes
 from flexgen_lab.models import families, ops
@@ -45,7 +45,8 @@ class Engine:
     def __init__(self, spec: ModelSpec, weights, policy: Policy, schedule: str = "zigzag",
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  callbacks: Callbacks | None = None, tiers: Tiers | None = None,
-                 offload_dir: str | Path | None = None, disk_io: str = "direct"):
+                 offload_dir: str | Path | None = None, disk_io: str = "direct",
+                 io_workers: int = IO_THREADS):
         self.spec, self.policy, self.schedule = spec, policy, schedule
         self.device, self.dtype = torch.device(device), dtype
         self.family = families.get(spec.family)
@@ -53,18 +54,26 @@ class Engine:
         self.callbacks = callbacks or Callbacks()
         self.tiers = tiers or Tiers(UNLIMITED, UNLIMITED, UNLIMITED, device, policy.pin_memory)
         self.offload_dir = Path(offload_dir or Path(tempfile.gettempdir()) / "flexgen_lab_offload")
-        self.disk_io = disk_io
+        self.disk_io, self.io_workers = disk_io, io_workers
         self._scratch: DiskDir | None = None
         self._weight_cache: WeightCache | None = None
         self.placed: dict[str, dict[str, int]] = {}  # kind -> tier -> bytes achieved
         try:
-            self.tiers["cpu"].reserve(bounce_reserve(policy.uses_disk), "disk: bounce buffers")
+            self.tiers["cpu"].reserve(self._bounce_bytes(), "disk: bounce buffers")
             self.weights = self._place_weights(weights)
         except BaseException:
             self.close()
             raise
         self.placed["weights"] = self.weights.tier_bytes()
         release_free_heap()
+
+    def _bounce_bytes(self, prompt_len: int | None = None, gen_len: int = 1) -> int:
+        """The bounce buffers' reservation: for weight requests, or a block's (bounce.py)."""
+        largest = (bounce.largest_weight_request(self.spec, self.policy, self.dtype)
+                   if prompt_len is None else
+                   bounce.largest_block_request(self.spec, self.policy, self.dtype, prompt_len,
+                                                gen_len))
+        return bounce.bounce_reserve(largest, self.io_workers)
 
     def placement_report(self) -> dict:
         """Asked (share x total) and achieved bytes per tier for weights, cache, activations."""
@@ -146,6 +155,9 @@ class BlockRun:
         total = self.prompt_len + gen_len - 1
         config = (CompressionConfig(p.compress_bits, p.compress_group_size, -1)
                   if p.compress_cache else None)
+        # the block's cache and activation requests may need larger bounce buffers
+        engine.tiers["cpu"].reserve(engine._bounce_bytes(self.prompt_len, gen_len)
+                                    - engine._bounce_bytes(), "disk: bounce buffers (block)")
         needs_disk = p.cache.disk > 0 or p.activations.disk > 0
         disk_dir = engine.scratch() if needs_disk else None
         self.cache = CacheHomes(spec, p.cache, p.gpu_batch_size, len(batches), total,
@@ -158,7 +170,7 @@ class BlockRun:
                                         p.attn_sparsity, p.attn_renormalize)
         self.attention.start_block(self.prompt_len)
         self.attention.reserve_buffers(gen_len)
-        self.executor = Executor(p.overlap, trace=self._trace)
+        self.executor = Executor(p.overlap, engine.io_workers, trace=self._trace)
         self.weight_jobs: dict[tuple[int, int], tuple[Future, dict]] = {}
         self.cache_jobs: dict[tuple[int, int], tuple[Future, int]] = {}
         self.cache_stores: dict[tuple[int, int], Future] = {}

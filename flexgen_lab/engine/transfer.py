@@ -21,19 +21,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from flexgen_lab.engine import cuda_sync
-from flexgen_lab.engine.disk import ALIGN, BOUNCE_MAX
 
 LINKS = ("cpu_to_gpu", "gpu_to_cpu", "disk_to_cpu", "cpu_to_disk")
 PHASES = ("prefill", "decode")
-IO_THREADS = 2  # loads and stores in flight at once (the simulator models the same pool)
-
-
-def bounce_reserve(uses_disk: bool) -> int:
-    """cpu-tier bytes held for the disk tier's bounce buffers (disk.py: one per thread doing
-    O_DIRECT I/O, up to BOUNCE_MAX plus a block of alignment slack): the I/O workers' and the
-    main thread's, which places weights and runs I/O inline when overlap is off. Held whenever
-    a policy puts anything on disk, buffered I/O included (its page cache needs as much)."""
-    return (IO_THREADS + 1) * (BOUNCE_MAX + ALIGN) if uses_disk else 0
+IO_THREADS = 2  # loads and stores in flight at once, where nothing says otherwise
+# The engine's I/O workers by device when neither hardware.io_workers nor engine.io_workers
+# says: on CUDA the original's three side streams (weights in, cache in, cache out; digest
+# §3.2), one per worker here; on the CPU two (benchmarks/engine.py `io_workers` measures).
+DEFAULT_IO_WORKERS = {"cuda": 3, "cpu": IO_THREADS}
 
 
 def phase_of(token: int) -> str:

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from flexgen_lab.config import ConfigError, HardwareConfig, parse_budgets
+from flexgen_lab.engine.transfer import IO_THREADS
 
 SPEED_FIELDS = ("bw_cpu_to_gpu", "bw_gpu_to_cpu_cache", "bw_gpu_to_cpu_hidden", "bw_disk_to_cpu",
                 "bw_cpu_to_disk_cache_prefill", "bw_cpu_to_disk_hidden_prefill",
@@ -64,6 +65,7 @@ class HardwareProfile:
     cpu_correction: tuple[float, float, float]
     safety_factor: float
     step_overhead_s: float = 0.0  # seconds per compute step; 0 = none (the original had none)
+    io_workers: int | None = None  # loads and stores in flight at once; None: IO_THREADS
 
     @staticmethod
     def from_config(cfg: HardwareConfig) -> HardwareProfile:
@@ -79,7 +81,12 @@ class HardwareProfile:
             **{f"{tier}_mem": nbytes for tier, nbytes in parse_budgets(cfg).items()},
             cpu_correction=tuple(float(c) for c in cfg.cpu_correction),
             safety_factor=float(cfg.safety_factor),
-            step_overhead_s=float(cfg.step_overhead_s), **speeds)
+            step_overhead_s=float(cfg.step_overhead_s), io_workers=cfg.io_workers, **speeds)
+
+    def workers(self) -> int:
+        """The engine's I/O workers on this machine (the cost model, LP and simulator share
+        each window's transfers among them)."""
+        return self.io_workers or IO_THREADS
 
     def missing_speeds(self) -> list[str]:
         return [key for key in SPEED_FIELDS if getattr(self, key) is None]

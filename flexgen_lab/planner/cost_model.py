@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from flexgen_lab.engine.placement import split_units
 from flexgen_lab.engine.policy import Policy
-from flexgen_lab.engine.transfer import IO_THREADS, LINKS
+from flexgen_lab.engine.transfer import LINKS
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.traffic import WINDOWS, window_bytes
@@ -174,11 +174,11 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
 
     With overlap a phase takes, window by window (traffic.window_bytes: the next part's
     weights load while a part computes), the longest of the window's link times, its compute,
-    its transfers shared among the engine's IO_THREADS workers (each load or store holds one
-    worker across all its links), and each batch's chain of compute -> activations home ->
-    back, which only the other GPU batches' compute can hide (n = num_gpu_batches in zig-zag,
-    1 in row-by-row), summed over windows:
-    T = sum_w max(link_w,1 .. link_w,4, sum(link_w) / IO_THREADS,
+    its transfers shared among the engine's I/O workers (profile.workers(); each load or
+    store holds one worker across all its links), and each batch's chain of compute ->
+    activations home -> back, which only the other GPU batches' compute can hide
+    (n = num_gpu_batches in zig-zag, 1 in row-by-row), summed over windows:
+    T = sum_w max(link_w,1 .. link_w,4, sum(link_w) / workers,
                   (compute_w + hidden round trip_w) / n, compute_w).
     Without overlap it is the sum of everything."""
     profile.require_speeds()
@@ -200,7 +200,7 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
             for term, seconds in (*io.items(), *compute[phase][window].items()):
                 terms[phase][term] += seconds
             round_trip = sum(own.values())
-            times[phase] += (max(*io.values(), sum(io.values()) / IO_THREADS,
+            times[phase] += (max(*io.values(), sum(io.values()) / profile.workers(),
                                  (work + round_trip) / interleaved(policy, schedule), work)
                              if policy.overlap else sum(io.values()) + work)
     return Prediction(times["prefill"], times["decode"], num_prompts, gen_len, terms)

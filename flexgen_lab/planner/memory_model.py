@@ -12,16 +12,18 @@ Compressed weights and cache count their packed sizes, plus the dequantised copi
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 
+from flexgen_lab.engine.bounce import bounce_reserve, largest_block_request, largest_weight_request
 from flexgen_lab.engine.cache_homes import stored_shapes
 from flexgen_lab.engine.compress import CompressionConfig, compressed_nbytes
 from flexgen_lab.engine.disk import ALIGN
 from flexgen_lab.engine.placement import batch_ranges, split_units
-from flexgen_lab.engine.policy import Policy
+from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.tiers import nbytes_of
-from flexgen_lab.engine.transfer import bounce_reserve
+from flexgen_lab.engine.transfer import IO_THREADS
 from flexgen_lab.engine.weight_homes import slot_layout
 from flexgen_lab.engine.workspace import step_workspace_bytes
 from flexgen_lab.models.spec import ModelSpec
@@ -77,7 +79,7 @@ def part_bytes(spec: ModelSpec, part: str, dtype, config) -> tuple[int, int]:
 def memory_terms(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
                  dtype_bytes: int, offloaded_weights: bool = True,
                  offloaded_cache: bool = True, offloaded_acts: bool = True,
-                 disk: bool = True) -> dict[str, Linear]:
+                 disk: bool = True, io_workers: int = IO_THREADS) -> dict[str, Linear]:
     """Peak bytes per tier, linear in the placement fractions (the LP's view; peak_bytes is
     the exact figure of one concrete policy); offloaded_* say whether that kind may leave the
     gpu tier (slots and staging exist only then), `disk` whether it may go to disk."""
@@ -89,23 +91,36 @@ def memory_terms(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
     out["gpu"].add(None, step_workspace_bytes(spec, policy.gpu_batch_size, prompt_len,
                                               prompt_len, dtype))
     # bounce buffers, in case what may leave the gpu tier goes to disk
-    offloaded = offloaded_weights or offloaded_cache or offloaded_acts
-    out["cpu"].add(None, bounce_reserve(disk and offloaded))
+    if disk:
+        on_disk = _all_on_disk(policy, offloaded_weights, offloaded_cache, offloaded_acts)
+        out["cpu"].add(None, bounce_reserve(
+            largest_block_request(spec, on_disk, dtype, prompt_len, gen_len), io_workers))
     return out
 
 
 def placing_terms(spec: ModelSpec, policy: Policy, dtype_bytes: int,
-                  offloaded: bool = True) -> Linear:
+                  offloaded: bool = True, io_workers: int = IO_THREADS) -> Linear:
     """cpu bytes while weights are placed, linear: the cpu homes of every part (wc x total,
     an upper bound of the homes filled so far) plus the source's copy of the largest part,
-    and the bounce buffers when anything may leave the gpu tier (`offloaded`)."""
+    and the bounce buffers when weights may go to disk (`offloaded`)."""
     dtype = DTYPES[dtype_bytes]
     homes, term = Linear(), Linear()
     _weights({"gpu": Linear(), "cpu": homes, "disk": Linear()}, spec, policy, dtype, False)
     term.coef["wc"] = homes.coef.get("wc", 0.0)
     term.const = max(sum(nbytes_of(shape, dtype) for shape in part_shapes(spec, p).values())
-                     for p in ("embed", "layer", "head")) + bounce_reserve(offloaded)
+                     for p in ("embed", "layer", "head"))
+    if offloaded:
+        on_disk = _all_on_disk(policy, True, False, False)
+        term.const += bounce_reserve(largest_weight_request(spec, on_disk, dtype), io_workers)
     return term
+
+
+def _all_on_disk(policy: Policy, weights: bool, cache: bool, acts: bool) -> Policy:
+    """`policy` with the named kinds wholly on disk: the most its bounce buffers may take."""
+    disk = Placement(0, 0)
+    return dataclasses.replace(policy, weights=disk if weights else policy.weights,
+                               cache=disk if cache else policy.cache,
+                               activations=disk if acts else policy.activations)
 
 
 def _weights(out, spec, policy, dtype, offloaded) -> None:
@@ -167,7 +182,7 @@ def _activations(out, spec, policy, prompt_len, dtype, offloaded) -> None:
 
 
 def peak_bytes(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
-               dtype_bytes: int) -> dict[str, float]:
+               dtype_bytes: int, io_workers: int = IO_THREADS) -> dict[str, float]:
     """Tier -> the peak bytes the engine accounts for this concrete policy, item by item as
     the engine makes them: homes split as placement.py splits them (disk cache files rounded
     to 4 KiB per array), compute-side slots and cpu stages of offloaded weights, cache staging,
@@ -175,26 +190,29 @@ def peak_bytes(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
     and the largest step's intermediates. Everything but the intermediates is made before
     generating, so the peak is their sum plus the widest step (on the cpu tier, or the peak
     while placing the weights, if that is higher)."""
-    parts = peak_breakdown(spec, policy, prompt_len, gen_len, dtype_bytes)
+    parts = peak_breakdown(spec, policy, prompt_len, gen_len, dtype_bytes, io_workers)
     total: Counter = Counter()
     for kind in ("weights", "cache", "activations", "step"):
         total.update(parts[kind])
-    total["cpu"] = max(total["cpu"], parts["placing"]["cpu"]) + parts["io"]["cpu"]
+    total["cpu"] = max(total["cpu"] + parts["io"]["cpu"], parts["placing"]["cpu"])
     return {tier: float(total[tier]) for tier in ("gpu", "cpu", "disk")}
 
 
 def peak_breakdown(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
-                   dtype_bytes: int) -> dict[str, Counter]:
+                   dtype_bytes: int, io_workers: int = IO_THREADS) -> dict[str, Counter]:
     """peak_bytes by kind: weights, cache, activations (homes and buffers), the widest step's
-    intermediates (gpu), the peak while placing weights (cpu) and the disk tier's bounce
-    buffers (cpu, held throughout), each tier -> bytes."""
+    intermediates (gpu), the peak while placing weights (cpu, with the bounce buffers weight
+    requests need) and the disk tier's bounce buffers while a block runs (cpu), each tier ->
+    bytes."""
     dtype = DTYPES[dtype_bytes]
     return {"weights": _weight_items(spec, policy, dtype),
             "cache": _cache_items(spec, policy, prompt_len, gen_len, dtype),
             "activations": _activation_items(spec, policy, prompt_len, dtype),
             "step": Counter({"gpu": _widest_step(spec, policy, prompt_len, gen_len, dtype)}),
-            "placing": Counter({"cpu": _placing_peak(spec, policy, dtype)}),
-            "io": Counter({"cpu": bounce_reserve(policy.uses_disk)})}
+            "placing": Counter({"cpu": _placing_peak(spec, policy, dtype) + bounce_reserve(
+                largest_weight_request(spec, policy, dtype), io_workers)}),
+            "io": Counter({"cpu": bounce_reserve(largest_block_request(
+                spec, policy, dtype, prompt_len, gen_len), io_workers)})}
 
 
 def _placing_peak(spec: ModelSpec, policy: Policy, dtype) -> int:

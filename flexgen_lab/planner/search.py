@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pulp
 
 from flexgen_lab.engine.policy import Placement, Policy
-from flexgen_lab.engine.transfer import IO_THREADS, LINKS
+from flexgen_lab.engine.transfer import LINKS
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import (
@@ -96,7 +96,7 @@ def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfi
         candidates.append(_fit(spec, policy, schedule, profile, s, n, q, limit, ("weights",)))
     resident = dataclasses.replace(policy, weights=RESIDENT, cache=RESIDENT,
                                    activations=RESIDENT)
-    if _fits(spec, resident, s, n, q, limit):
+    if _fits(spec, resident, s, n, q, limit, profile.workers()):
         candidates.append(resident)
     candidates = [c for c in candidates if c is not None]
     if not candidates:
@@ -105,8 +105,9 @@ def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfi
                                                  q).generation_throughput)
 
 
-def _fits(spec, policy, s, n, q, limit) -> bool:
-    return all(peak <= limit[tier] for tier, peak in peak_bytes(spec, policy, s, n, q).items())
+def _fits(spec, policy, s, n, q, limit, workers) -> bool:
+    return all(peak <= limit[tier]
+               for tier, peak in peak_bytes(spec, policy, s, n, q, workers).items())
 
 
 def _fit(spec, policy, schedule, profile, s, n, q, limit, pinned,
@@ -120,7 +121,8 @@ def _fit(spec, policy, schedule, profile, s, n, q, limit, pinned,
         if found is None:
             return None
         over = {tier: peak - limit[tier] for tier, peak in
-                peak_bytes(spec, found, s, n, q).items() if peak > limit[tier]}
+                peak_bytes(spec, found, s, n, q, profile.workers()).items()
+                if peak > limit[tier]}
         if not over:
             return found
         # rounding moves with the answer, so tighten by more than the overshoot
@@ -146,8 +148,9 @@ def _solve_lp(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareP
         if not disk:
             prob += x[f"{prefix}d"] == 0
     offloaded = [kind not in pinned for kind in KINDS]
-    memory = memory_terms(spec, policy, s, n, q, *offloaded, disk=disk)
-    placing = placing_terms(spec, policy, q, disk and any(offloaded))
+    memory = memory_terms(spec, policy, s, n, q, *offloaded, disk=disk,
+                          io_workers=profile.workers())
+    placing = placing_terms(spec, policy, q, disk and offloaded[0], profile.workers())
     for tier, term in [*memory.items(), ("cpu", placing)]:
         prob += term.const + pulp.lpSum(c * x[v] for v, c in term.coef.items()) <= limit[tier]
     coef = link_coefficients(spec, policy, schedule, s, n, q)
@@ -165,7 +168,7 @@ def _solve_lp(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareP
                                     for v, c in per.items() if v.startswith("h"))
             work = compute[(phase, window)]
             if policy.overlap:  # as predict: links, I/O workers, activation chain, compute
-                for term in (*links, pulp.lpSum(links) / IO_THREADS,
+                for term in (*links, pulp.lpSum(links) / profile.workers(),
                              (work + round_trip) / interleaved(policy, schedule), work):
                     prob += t >= term
             else:
@@ -240,7 +243,8 @@ def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2
     if best is None:
         return None
     policy, pred = best
-    return Found(policy, schedule, pred, peak_bytes(spec, policy, s, n, q), solved,
+    return Found(policy, schedule, pred, peak_bytes(spec, policy, s, n, q, profile.workers()),
+                 solved,
                  time.perf_counter() - start)
 
 

@@ -4,7 +4,7 @@ opt-175b on the paper's T4 simulates in seconds.
 
 What it honours, as the engine does (engine/engine.py):
 - one main thread issues the ops in stream order and runs each compute op to its end; with
-  overlap every load and store goes to a pool of IO_THREADS workers, taken in issue order, a
+  overlap every load and store goes to a pool of profile.workers() workers, taken in issue order, a
   worker held from the moment it picks the op (waiting on dependencies included) to its end;
 - a compute waits for its weights, its hidden input and its cache; a load of cache or hidden
   waits for the store that wrote them; stores run one after the other; without overlap each op
@@ -66,9 +66,9 @@ class Simulation:
 class _Clock:
     """State of one block's simulation: the main thread, the I/O workers, the link queues."""
 
-    def __init__(self, overlap: bool, start: float):
+    def __init__(self, overlap: bool, start: float, workers: int):
         self.overlap, self.now = overlap, start
-        self.workers = [start] * IO_THREADS
+        self.workers = [start] * workers
         self.link_free = dict.fromkeys(LINKS, start)
         self.done: dict[tuple, float] = {}  # buffer key -> end of the op that fills/frees it
         self.last_store = start
@@ -83,7 +83,7 @@ class _Clock:
             ready = max(ready, self.last_store)
         worker = 0
         if self.overlap:
-            worker = min(range(IO_THREADS), key=self.workers.__getitem__)
+            worker = min(range(len(self.workers)), key=self.workers.__getitem__)
             ready = max(ready, self.workers[worker])
         start, t = None, ready
         for link, seconds in cost.links:
@@ -107,11 +107,12 @@ class _Clock:
 
 
 def run_stream(ops: Iterable[Op], cost_of: Callable[[Op], Cost], overlap: bool,
-               start: float = 0.0) -> tuple[list[float], float, list[dict]]:
+               start: float = 0.0, workers: int = IO_THREADS
+               ) -> tuple[list[float], float, list[dict]]:
     """Time one block's op stream from `start`. Returns ([prefill, decode] seconds by the
     engine's clocks: each token step from its first compute to the next step's, the last to
     the end of the last store), the end time, and the op records."""
-    clock, records = _Clock(overlap, start), []
+    clock, records = _Clock(overlap, start, workers), []
     phase, token, mark = [0.0, 0.0], 0, start
     for op in ops:
         cost = cost_of(op)
@@ -211,7 +212,8 @@ def simulate(spec: ModelSpec, policy: Policy, schedule_name: str, profile: Hardw
     for _ in range(num_prompts // policy.block_size):
         stream = schedule.ops(schedule_name, gen_len, spec.num_layers + 2,
                               policy.num_gpu_batches)
-        phase, start, records = run_stream(stream, costs, policy.overlap, start)
+        phase, start, records = run_stream(stream, costs, policy.overlap, start,
+                                           profile.workers())
         phases = [phases[0] + phase[0], phases[1] + phase[1]]
         trace.extend(records)
         for record in records:

@@ -39,8 +39,7 @@ def test_modelled_peaks_match_the_engines_accounting(name, tmp_path):
     linear = memory_terms(SPEC, policy, s, n, 4, not policy.weights.all_gpu,
                           not policy.cache.all_gpu, not policy.activations.all_gpu)
     linear_peaks = {tier: term.at(policy) for tier, term in linear.items()}
-    offloaded = not all(p.all_gpu for p in (policy.weights, policy.cache, policy.activations))
-    placing = placing_terms(SPEC, policy, 4, offloaded)
+    placing = placing_terms(SPEC, policy, 4, not policy.weights.all_gpu)
     linear_peaks["cpu"] = max(linear_peaks["cpu"], placing.at(policy))
     exact = peak_bytes(SPEC, policy, s, n, 4)
     for tier, peak in tiers.peaks().items():

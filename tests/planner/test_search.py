@@ -149,7 +149,7 @@ def check_search(model: str, capacities: tuple[int, int, int], s: int, n: int,
     ids, mask = synthetic_prompts(spec, found.policy.block_size, s, seed=0)
     with tempfile.TemporaryDirectory() as offload_dir:
         with Engine(spec, DummyWeights(spec, 0), found.policy, found.schedule, tiers=tiers,
-                    offload_dir=offload_dir) as engine:
+                    offload_dir=offload_dir, io_workers=hw.workers()) as engine:
             engine.generate(ids, mask, n)  # no BudgetExceeded
     assert tiers.peaks() == found.peak_bytes
 

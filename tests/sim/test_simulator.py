@@ -42,17 +42,33 @@ def test_a_hand_built_stream_overlaps_exactly_as_its_dependencies_allow():
     assert end == pytest.approx(sum(parts))  # no overlap: one op after the other
 
 
-def test_two_io_workers_bound_the_loads_in_flight():
-    # three loads on three different links, issued together: the engine's pool has two
-    # threads, so the third starts when the first ends
+@pytest.mark.parametrize("workers,expected", [(1, 5.5), (2, 3.5), (3, 2.5)])
+def test_io_workers_bound_the_loads_in_flight(workers, expected):
+    # three loads on three different links, issued together: with two workers the third
+    # starts when the first ends, with one they run one after the other, with three at once
     ops = [Op("load_weight", 0, 1, 0), Op("load_cache", 1, 1, 0), Op("load_hidden", 1, 1, 0),
            Op("compute", 1, 1, 0)]
     table = {("load_weight", 1): Cost(links=(("disk_to_cpu", 1.0),)),
              ("load_cache", 1): Cost(links=(("cpu_to_gpu", 2.0),)),
              ("load_hidden", 1): Cost(links=(("gpu_to_cpu", 2.0),)),
              ("compute", 1): Cost(compute_s=0.5)}
-    _, end, _ = run_stream(ops, costs(table), overlap=True)
-    assert end == pytest.approx(3.5)  # not 2.5: the hidden load waits for a free worker
+    _, end, _ = run_stream(ops, costs(table), overlap=True, workers=workers)
+    assert end == pytest.approx(expected)
+
+
+def test_the_profiles_io_workers_reach_the_simulator_and_the_cost_model():
+    # every kind on the cpu tier: a window's transfers share the workers, so one worker is
+    # slower than two, by both the simulator and the cost model
+    spec = ModelSpec.from_name("opt-1.3b")
+    policy = Policy(gpu_batch_size=8, num_gpu_batches=2, weights=Placement(0, 1),
+                    cache=Placement(0, 1), activations=Placement(0, 1))
+    t4 = profile("t4-paper")
+    one, three = t4.replace(io_workers=1), t4.replace(io_workers=None)
+    assert (one.workers(), three.workers(), t4.workers()) == (1, 2, 3)  # None: IO_THREADS
+    for model in (simulate, predict):
+        slow = model(spec, policy, "zigzag", one, 128, 8).generation_throughput
+        fast = model(spec, policy, "zigzag", three, 128, 8).generation_throughput
+        assert slow < fast, model.__name__
 
 
 POLICIES = [
