@@ -8,6 +8,7 @@ of 3 repeats, except `bigger`, which runs once because one run takes minutes):
   zigzag       zig-zag vs row-by-row, weights on the cpu tier, same block
   overlap      overlap on vs off, weights on the disk tier (page cache bypassed), against I/O
                alone and compute alone; the cpu-tier case too
+  io_workers   1 to 4 I/O workers, weights on the cpu tier and cache on disk (the CPU default)
   delegation   CPU delegation on vs off, cache on the cpu tier, prompt 512
   compression  bytes of weights and cache at home vs fp16, opt-1.3b
   memory       accounted peaks against peak RSS, opt-1.3b, three placements
@@ -40,9 +41,9 @@ GiB = 2**30
 OFFLOAD = tempfile.gettempdir() + "/flexgen_lab_bench"
 
 
-def make(spec, policy, schedule="zigzag", dtype=torch.float32, tiers=None):
+def make(spec, policy, schedule="zigzag", dtype=torch.float32, tiers=None, io_workers=2):
     return Engine(spec, DummyWeights(spec, 0), policy, schedule, compute_device(), dtype,
-                  tiers=tiers, offload_dir=OFFLOAD)
+                  tiers=tiers, offload_dir=OFFLOAD, io_workers=io_workers)
 
 
 def decode_rate(engine, ids, mask, gen_len) -> tuple[float, dict]:
@@ -105,6 +106,27 @@ def section_overlap(repeats: int) -> None:
               f" I/O alone {summary(values['io'])}, compute alone {summary(values['compute'])};"
               f" overlap / max(I/O, compute) = {med['overlap'] / bound:.2f} (target <= 1.15),"
               f" no overlap / overlap = {med['no overlap'] / med['overlap']:.2f} (measured)")
+
+
+def section_io_workers(repeats: int) -> None:
+    """The engine's I/O workers on this machine: weights on the cpu tier and the cache on
+    disk (loads and stores of both kinds in flight), decode token/s with 1 to 4 workers."""
+    spec, gen_len = ModelSpec.from_name("opt-125m"), 8
+    ids, mask = synthetic_prompts(spec, 16, 64, seed=0)
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=4, weights=Placement(0, 1),
+                    cache=Placement(0, 0))
+    engines = {n: make(spec, policy, io_workers=n) for n in (1, 2, 3, 4)}
+    try:
+        values = interleaved({f"{n}": lambda e=e: decode_rate(e, ids, mask, gen_len)[0]
+                              for n, e in engines.items()}, repeats)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    best = max(values, key=lambda n: statistics.median(values[n]))
+    print(f"[io_workers] opt-125m fp32, block 4 x 4, weights on the cpu tier, cache on disk, "
+          f"{torch.get_num_threads()} compute threads: decode token/s "
+          + ", ".join(f"{n} workers {summary(v)}" for n, v in values.items())
+          + f"; best {best} (measured)")
 
 
 def section_delegation(repeats: int) -> None:
@@ -203,7 +225,8 @@ def section_memory() -> None:
               "(measured, cpu device: both tiers are host memory)")
 
 
-SECTIONS = ("zigzag", "overlap", "delegation", "compression", "memory", "bigger")
+SECTIONS = ("zigzag", "overlap", "io_workers", "delegation", "compression", "memory",
+            "bigger")
 
 
 def main() -> None:
@@ -216,7 +239,7 @@ def main() -> None:
     with torch.inference_mode():
         for name in args.only:
             fn = globals()[f"section_{name}"]
-            fn(args.repeats) if name in ("zigzag", "overlap", "delegation") else fn()
+            fn(args.repeats) if name in ("zigzag", "overlap", "io_workers", "delegation") else fn()
 
 
 if __name__ == "__main__":
