@@ -104,7 +104,8 @@ def _search_task(cfg) -> None:
         found = search(spec, profile, w.prompt_len, w.gen_len, dtype.itemsize,
                        to_policy(run_cfg), run_cfg.schedule.name, p.cpu_delegation,
                        compress=(p.compress_weight, p.compress_cache),
-                       max_block_size=run_cfg.search.max_block_size)
+                       max_block_size=run_cfg.search.max_block_size,
+                       rerank_top=run_cfg.search.rerank_top)
     except ConfigError as err:
         _fail(str(err), 2)
     if found is None:
@@ -128,7 +129,18 @@ def _search_summary(found, model: str, hardware: str, simulated: float) -> str:
             f"{p.compress_weight} cache {p.compress_cache}\n"
             f"  weights {place(p.weights)}\n  cache {place(p.cache)}\n"
             f"  activations {place(p.activations)}\n  peak memory: {peaks}\n"
+            f"{_rerank_line(found)}"
             f"  ({found.lps_solved} LPs in {found.seconds:.1f} s)")
+
+
+def _rerank_line(found) -> str:
+    """What re-ranking by the simulator changed, if anything."""
+    if found.lp_best is None:
+        return ""
+    p, predicted, simulated = found.lp_best
+    return (f"  re-ranked by the simulator: the cost model's best, gpu_batch_size "
+            f"{p.gpu_batch_size} x {p.num_gpu_batches} (predicted {predicted:.3f}, simulated "
+            f"{simulated:.3f} token/s), simulates slower than the policy above\n")
 
 
 def run_command(task=None) -> None:

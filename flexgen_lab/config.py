@@ -150,6 +150,7 @@ class SearchConfig:
     """Bounds on what policy=search may choose (and the `search` command)."""
 
     max_block_size: int | None = None  # gpu_batch_size x num_gpu_batches at most (latency)
+    rerank_top: int = 5  # the cost model's best answers the simulator re-ranks (0: none)
 
 
 @dataclass
@@ -279,6 +280,9 @@ def _check_sizes(cfg: RunConfig) -> list[str]:
         out += _positive("workload.num_prompts", w.num_prompts)
     if cfg.search.max_block_size is not None:
         out += _positive("search.max_block_size", cfg.search.max_block_size)
+    if not isinstance(cfg.search.rerank_top, int) or cfg.search.rerank_top < 0:
+        out.append(f"search.rerank_top={cfg.search.rerank_top!r}: an integer >= 0 "
+                   "(0: no re-ranking by the simulator)")
     if w.temperature < 0:
         out.append(f"workload.temperature={w.temperature!r}: must be >= 0 (0 = greedy)")
     return out

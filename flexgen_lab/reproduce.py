@@ -158,8 +158,9 @@ def column_budgets(exp: Experiment, scale: Scale, cells: list[Cell]
     model's bytes over the paper's model's (the column's paper_model, in fp16). The cpu and
     disk tiers are raised to what the column's baseline policy needs (every row's, in a table
     without a baseline row), the gpu tier to what the most demanding manual row of the column
-    needs: a gpu budget a row does not fit would leave nothing to compare. The bytes go in the cells' configs (so in their
-    hash and the budget columns); every cell of a column gets the same, so its rows compare."""
+    needs: a gpu budget a row does not fit would leave nothing to compare. The bytes go in
+    the cells' configs (so in their hash and the budget columns); every cell of a column
+    gets the same, so its rows compare."""
     from flexgen_lab.models.spec import ModelSpec
     from flexgen_lab.planner.memory_model import peak_bytes
     from flexgen_lab.runner import prepare, to_policy

@@ -264,7 +264,8 @@ def searched(cfg: RunConfig, spec: ModelSpec, dtype: str, device: torch.device) 
     found = search(spec, profile, w.prompt_len, w.gen_len, TORCH_DTYPES[dtype].itemsize,
                    to_policy(cfg), cfg.schedule.name, cfg.policy.cpu_delegation,
                    compress=(cfg.policy.compress_weight, cfg.policy.compress_cache),
-                   max_block_size=cfg.search.max_block_size)
+                   max_block_size=cfg.search.max_block_size,
+                   rerank_top=cfg.search.rerank_top)
     if found is None:
         raise ConfigError(f"policy=search: no policy fits {spec.name} in hardware="
                           f"{cfg.hardware.name}'s budgets")

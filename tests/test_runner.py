@@ -182,7 +182,7 @@ def test_policy_search_runs_the_searched_policy_and_keeps_the_requested_hash(tmp
     row = ResultStore(cfg.store.path).runs().iloc[-1]
     assert row.status == "ok" and row.config_hash == asked
     expected = search(spec, HardwareProfile.from_config(cfg.hardware), 16, 8, 4, to_policy(cfg),
-                      delegation=None).policy
+                      delegation=None, rerank_top=cfg.search.rerank_top).policy
     assert (row.gpu_batch_size, row.num_gpu_batches) == (expected.gpu_batch_size,
                                                          expected.num_gpu_batches)
     assert (row.w_gpu, row.c_gpu, row.a_gpu) == pytest.approx(

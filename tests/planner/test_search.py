@@ -20,6 +20,7 @@ from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
 from flexgen_lab.planner.memory_model import peak_bytes
 from flexgen_lab.planner.search import search
+from flexgen_lab.sim.simulator import simulate
 from flexgen_lab.workload import synthetic_prompts
 from tests.planner.test_cost_model import profile
 from tests.strategies import MODELS
@@ -180,3 +181,20 @@ def test_max_block_size_bounds_the_searched_block():
     bounded = search(spec, hw, 512, 32, batch_sizes=(8, 16, 32), max_gpu_batches=8,
                      max_block_size=16)
     assert free.policy.block_size > 16 >= bounded.policy.block_size
+
+
+def test_rerank_by_the_simulator_beats_the_cost_models_pick():
+    """OPT-30B on t4-paper, s=512: the LP's best (8 x 16) loses to 64 x 2 once the engine's
+    op stream is simulated; rerank_top returns the better simulated answer and names the
+    cost model's own best with both figures."""
+    spec, hw = ModelSpec.from_name("opt-30b"), profile("t4-paper")
+    plain = search(spec, hw, 512, 32, batch_sizes=(8, 16, 32, 64), max_gpu_batches=16)
+    ranked = search(spec, hw, 512, 32, batch_sizes=(8, 16, 32, 64), max_gpu_batches=16,
+                    rerank_top=5)
+    assert ranked.lp_best is not None and ranked.lp_best[0] == plain.policy
+    _, predicted, simulated = ranked.lp_best
+    assert predicted == pytest.approx(plain.prediction.generation_throughput)
+    assert predicted > ranked.prediction.generation_throughput  # the LP ranks it first
+    assert ranked.simulated > 1.2 * simulated  # the simulator does not
+    full = simulate(spec, ranked.policy, "zigzag", hw, 512, 32, 2).generation_throughput
+    assert ranked.simulated == pytest.approx(full, rel=0.05)  # 8 tokens, extrapolated
