@@ -174,7 +174,7 @@ def hydra_command(command: str, args: list[str]) -> None:
     anything: each job (every one of a --multirun) is composed and validated first; what
     Hydra still raises comes to us (not printed by Hydra with exit 1). A run that failed
     after starting exits 1."""
-    from hydra._internal.utils import get_args_parser
+    from hydra._internal.utils import get_args_parser  # hydra.main's own (Hydra < 1.4)
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 

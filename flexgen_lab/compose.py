@@ -123,7 +123,7 @@ def _composed(overrides: tuple[str, ...], source: Source):
 def sweep_jobs(overrides: list[str], source: Source = Source()) -> list[list[str]]:
     """Every job's overrides in a --multirun over `overrides`, as Hydra's basic sweeper
     makes them (the cartesian product of comma lists, range() and glob())."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # pinned: Hydra < 1.4
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException

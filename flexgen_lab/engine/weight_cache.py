@@ -143,8 +143,9 @@ class WeightCache:
         where = f"weight cache {self.dir}: {problem}"
         if mode == "verify":
             raise WeightCacheError(
-                f"{where}; rebuild it with `python -m flexgen_lab cache clear {self.key}` "
-                "(the next run writes it again) or run with engine.weight_cache=rebuild")
+                f"{where}; rebuild it with `python -m flexgen_lab cache clear {self.key} "
+                f"engine.offload_dir={self.dir.parent.parent}` (the next run writes it "
+                "again) or run with engine.weight_cache=rebuild")
         warnings.warn(f"{where}; rebuilding it from the source weights", WeightCacheWarning,
                       stacklevel=3)
         discard(self.dir)

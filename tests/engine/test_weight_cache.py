@@ -12,13 +12,16 @@ import struct
 import pytest
 import torch
 
+from flexgen_lab.__main__ import main
 from flexgen_lab.compose import compose_run_config
+from flexgen_lab.config import WEIGHT_CACHE
 from flexgen_lab.engine import owners
 from flexgen_lab.engine.engine import Engine
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.weight_cache import (
     CHUNK_BYTES,
     MANIFEST,
+    MODES,
     WeightCache,
     WeightCacheWarning,
     clear_caches,
@@ -146,7 +149,7 @@ def test_weight_cache_mode_is_not_in_the_config_hash(tmp_path):
     assert len(hashes) == 1
 
 
-def test_caches_are_listed_and_cleared(tmp_path):
+def test_caches_are_listed_and_cleared(tmp_path, capsys):
     for name in ("opt-tiny", "llama-tiny"):
         spec = ModelSpec.from_name(name)
         with Engine(spec, DummyWeights(spec, 0), Policy(weights=Placement(0, 0)),
@@ -166,5 +169,13 @@ def test_caches_are_listed_and_cleared(tmp_path):
     removed = clear_caches(tmp_path, complete[0].key)
     assert {e.path for e in removed} == {complete[0].path, dead}
     assert [e.key for e in list_caches(tmp_path)] == [complete[1].key]
-    clear_caches(tmp_path, "all")
+    main(["cache", f"engine.offload_dir={tmp_path}"])  # the command prints the same
+    listed = capsys.readouterr().out
+    assert complete[1].key in listed and "MiB" in listed and complete[0].key not in listed
+    main(["cache", "clear", "all", f"engine.offload_dir={tmp_path}"])
+    assert "removed 1 directory" in capsys.readouterr().out
     assert list_caches(tmp_path) == [] and list((tmp_path / "weight_cache").iterdir()) == []
+
+
+def test_config_offers_the_modes_the_cache_implements():
+    assert WEIGHT_CACHE == MODES
