@@ -13,7 +13,9 @@ marked SUBPROCESS run the console script, to check the exit codes a shell sees.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import re
 import shlex
@@ -250,9 +252,6 @@ def damage_a_cache(where: dict[str, str]) -> None:
 
 def run_line(words: list[str]) -> tuple[int, str]:
     """main(words) in this process: (exit code, what it wrote to stderr)."""
-    import contextlib
-    import io
-
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
