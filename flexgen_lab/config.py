@@ -10,8 +10,12 @@ allowed, before any weight is made. Library code receives plain dataclasses: onl
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flexgen_lab.models.spec import PRESETS, ModelSpec
@@ -26,10 +30,23 @@ PROMPT_SOURCES = ("synthetic", "text")
 POLICY_KINDS = ("manual", "search")
 DISTRIBUTED = ("none", "pipeline")
 COST_MODELS = ("flexgen_lab", "flexgen-original")  # planner/cost_model.py implements each
+WEIGHT_CACHE = ("rebuild", "verify")  # engine/weight_cache.py implements each (a test checks)
+# Sizes no machine could hold are configuration errors, not runs that fail: more prompts (or
+# a bigger block) than this, a memory size over MAX_BYTES, a seed outside torch's range.
+MAX_PROMPTS = 2**31
+MAX_BYTES = 2**62  # 4 EiB; the store keeps bytes as 64-bit integers
+MAX_SEED = 2**63 - 1
+MAX_GROUP_SIZE = 2**16
 
 
 class ConfigError(ValueError):
     """A bad configuration value: the message names the key, the value and what is allowed."""
+
+
+def user_config_dir() -> Path:
+    """Where `calibrate` writes profiles (hardware/<name>.yaml), on Hydra's search path."""
+    default = Path(os.environ.get("HOME", tempfile.gettempdir())) / ".config" / "flexgen_lab"
+    return Path(os.environ.get("FLEXGEN_LAB_CONFIG_DIR", default))
 
 
 @dataclass
@@ -138,6 +155,7 @@ class EngineConfig:
     offload_dir: str = "results/offload"
     disk_io: str = "direct"
     io_workers: Any = None  # overrides hardware.io_workers; null: the profile's, else the device's
+    weight_cache: str = "rebuild"  # a damaged weight cache: rebuild it (warn) | verify (fail)
 
 
 @dataclass
@@ -187,13 +205,19 @@ def parse_bytes(value: Any, key: str) -> int:
     """An int (bytes) or a string with a unit ("16GiB" = 16 * 2^30, "15GB" = 15 * 10^9)."""
     if isinstance(value, bool):
         raise ConfigError(f"{key}={value!r}: expected bytes (int) or a size like '16GiB'")
-    if isinstance(value, int | float) and value > 0:
-        return int(value)
+    nbytes = None
+    if isinstance(value, int | float) and math.isfinite(value) and value > 0:
+        nbytes = int(value)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
     if match and match.group(2).upper() in _UNITS and float(match.group(1)) > 0:
-        return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-    raise ConfigError(f"{key}={value!r}: expected a positive size in bytes or with a unit "
-                      f"({', '.join(u for u in _UNITS if u)}), e.g. '16GiB'")
+        nbytes = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if nbytes is None:
+        raise ConfigError(f"{key}={value!r}: expected a positive size in bytes or with a unit "
+                          f"({', '.join(u for u in _UNITS if u)}), e.g. '16GiB'")
+    if not 0 < nbytes <= MAX_BYTES:
+        raise ConfigError(f"{key}={value!r}: {nbytes} bytes; allowed: 1 byte to 2^62 bytes "
+                          "(4 EiB), more than any machine holds")
+    return nbytes
 
 
 def parse_budgets(hardware: HardwareConfig) -> dict[str, int]:
@@ -230,7 +254,9 @@ def model_spec(cfg: RunConfig) -> ModelSpec:
         try:
             return ModelSpec.from_hf_config(cfg.model.path)
         except (ValueError, KeyError, OSError) as err:
-            raise ConfigError(f"model.path={cfg.model.path!r}: {err}") from err
+            reason = str(err).removeprefix(f"model.path={str(cfg.model.path)!r} ")
+            raise ConfigError(f"model.path={cfg.model.path!r}: {reason}; allowed: a Hugging "
+                              "Face directory with config.json and *.safetensors") from None
     if cfg.model.name not in PRESETS:
         raise ConfigError(f"model.name={cfg.model.name!r}: allowed values are {sorted(PRESETS)}, "
                           "or model=local model.path=DIR")
@@ -262,6 +288,7 @@ def _check_choices(cfg: RunConfig) -> list[str]:
             + _choice("system.name", cfg.system.name, SYSTEMS)
             + _choice("schedule.name", cfg.schedule.name, SCHEDULES)
             + _choice("engine.disk_io", cfg.engine.disk_io, DISK_IO)
+            + _choice("engine.weight_cache", cfg.engine.weight_cache, WEIGHT_CACHE)
             + _choice("workload.prompts", cfg.workload.prompts, PROMPT_SOURCES)
             + _choice("policy.name", cfg.policy.name, POLICY_KINDS)
             + _choice("distributed.name", cfg.distributed.name, DISTRIBUTED)
@@ -283,8 +310,30 @@ def _check_sizes(cfg: RunConfig) -> list[str]:
     if not isinstance(cfg.search.rerank_top, int) or cfg.search.rerank_top < 0:
         out.append(f"search.rerank_top={cfg.search.rerank_top!r}: an integer >= 0 "
                    "(0: no re-ranking by the simulator)")
-    if w.temperature < 0:
-        out.append(f"workload.temperature={w.temperature!r}: must be >= 0 (0 = greedy)")
+    if not (math.isfinite(w.temperature) and w.temperature >= 0):
+        out.append(f"workload.temperature={w.temperature!r}: must be a finite number >= 0 "
+                   "(0 = greedy)")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        out.append(f"seed={cfg.seed!r}: must be an integer in [0, 2^63 - 1]")
+    if not cfg.engine.offload_dir.strip():
+        out.append(f"engine.offload_dir={cfg.engine.offload_dir!r}: must name a directory "
+                   "(the disk tier's files go there), e.g. results/offload")
+    return out + _check_counts(cfg)
+
+
+def _check_counts(cfg: RunConfig) -> list[str]:
+    """Counts no machine could hold: more than 2^31 prompts in a run or in a block."""
+    w, p, out = cfg.workload, cfg.policy, []
+    if isinstance(w.num_prompts, int) and w.num_prompts > MAX_PROMPTS:
+        out.append(f"workload.num_prompts={w.num_prompts}: at most 2^31 prompts")
+    if isinstance(p.gpu_batch_size, int) and isinstance(p.num_gpu_batches, int) and (
+            p.gpu_batch_size * p.num_gpu_batches > MAX_PROMPTS):
+        out.append(f"policy.gpu_batch_size x policy.num_gpu_batches = {p.gpu_batch_size} x "
+                   f"{p.num_gpu_batches}: a block of at most 2^31 prompts")
+    if (cfg.search.max_block_size or 0) > MAX_PROMPTS:
+        out.append(f"search.max_block_size={cfg.search.max_block_size}: at most 2^31")
+    if p.compress_group_size > MAX_GROUP_SIZE:
+        out.append(f"policy.compress_group_size={p.compress_group_size}: at most 2^16")
     return out
 
 
@@ -302,8 +351,8 @@ def _check_policy(p: PolicyConfig) -> list[str]:
     if p.name == "manual":
         for key in ("cpu_delegation", "compress_weight", "compress_cache"):
             if getattr(p, key) is None:
-                out.append(f"policy.{key}=null: only policy=search may leave it open; set "
-                           "true or false (compress=none|weight|cache|both)")
+                out.append(f"policy.{key}=null: only policy=search may leave it open; "
+                           "allowed: true or false (compress=none|weight|cache|both)")
     return out
 
 
@@ -331,4 +380,22 @@ def _check_workload(cfg: RunConfig, spec: ModelSpec) -> list[str]:
         out.append("workload.prompts='text' needs a tokenizer: use model=local model.path=DIR")
     if w.stop_token is not None and not 0 <= w.stop_token < spec.vocab:
         out.append(f"workload.stop_token={w.stop_token}: must be a token id in [0, {spec.vocab})")
-    return out
+    return out + _check_prompt_bytes(cfg)
+
+
+def _check_prompt_bytes(cfg: RunConfig) -> list[str]:
+    """The prompts' token ids alone (int64) must fit in the cpu tier."""
+    w, p = cfg.workload, cfg.policy
+    count = w.num_prompts or (p.gpu_batch_size * p.num_gpu_batches if p.name == "manual" else 0)
+    try:
+        cpu = parse_bytes(cfg.hardware.cpu_mem, "hardware.cpu_mem")
+    except ConfigError:
+        return []  # reported with the budgets
+    need = count * w.prompt_len * 8
+    if need <= cpu:
+        return []
+    key = ("workload.num_prompts" if w.num_prompts
+           else "policy.gpu_batch_size x policy.num_gpu_batches")
+    return [f"{key} = {count} prompts of {w.prompt_len} tokens: their ids alone take {need} "
+            f"bytes, more than hardware.cpu_mem ({cpu} bytes); allowed: fewer or shorter "
+            "prompts, or a larger hardware.cpu_mem"]

@@ -79,6 +79,7 @@ def parse_options(args: list[str]) -> Options:
     if not own["experiment"]:
         raise ConfigError("reproduce: experiment=NAME is required; allowed: "
                           f"{experiments.available()}")
+    compose_run_config(rest)  # an override Hydra refuses (key, type, option) fails every cell
     flags = {}
     for key in ("reproduce.rerun", "reproduce.dry_run"):
         if own[key] not in ("true", "false"):

@@ -24,6 +24,7 @@ import torch
 from flexgen_lab import __version__, workload
 from flexgen_lab.callbacks import ProgressBar, TraceRecorder, chain
 from flexgen_lab.config import ConfigError, RunConfig, model_spec, parse_budgets, validate
+from flexgen_lab.engine.disk import filesystem_type, probe
 from flexgen_lab.engine.engine import Callbacks, Engine, Generation, Sampling
 from flexgen_lab.engine.memory import PeakRSS
 from flexgen_lab.engine.policy import Placement, Policy
@@ -31,9 +32,9 @@ from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.engine.transfer import DEFAULT_IO_WORKERS, IO_THREADS
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
-from flexgen_lab.models.weights import open_weights
+from flexgen_lab.models.weights import open_weights, safetensors_files, safetensors_keys
 from flexgen_lab.planner.cost_model import flexgen_original, predict
-from flexgen_lab.results.store import ResultStore
+from flexgen_lab.results.store import ResultStore, StoreError, check_path
 from flexgen_lab.units import TORCH_DTYPES
 
 SIMULATED = torch.device("meta")  # backend=simulated computes nothing on any device
@@ -95,7 +96,8 @@ def check_built(cfg: RunConfig) -> None:
     if cfg.distributed.name != "none":
         missing.append(f"distributed={cfg.distributed.name} (pipeline parallelism)")
     if missing:
-        raise NotBuiltError("not built yet: " + "; ".join(missing))
+        raise NotBuiltError("not built yet: " + "; ".join(missing) + "; allowed: "
+                            "system=flexgen_lab|hf, distributed=none")
 
 
 def check_budgets(cfg: RunConfig, device: torch.device) -> dict[str, int]:
@@ -107,6 +109,11 @@ def check_budgets(cfg: RunConfig, device: torch.device) -> dict[str, int]:
     else:  # without a GPU the gpu tier is a budget inside host memory
         limits = {"gpu": ram, "cpu": ram - budgets["gpu"]}
     limits["disk"] = shutil.disk_usage(_existing_parent(cfg.engine.offload_dir)).total
+    if limits["disk"] == 0:  # /proc, /sys and the like report no space at all
+        raise ConfigError(
+            f"engine.offload_dir={cfg.engine.offload_dir!r} is on a "
+            f"{filesystem_type(cfg.engine.offload_dir)} pseudo-filesystem, not a disk; "
+            "allowed: a directory on a disk (the disk tier's files go there)")
     for tier, limit in limits.items():
         if budgets[tier] > limit:
             raise ConfigError(
@@ -124,9 +131,10 @@ def _existing_parent(path: str) -> Path:
     return p
 
 
-# Keys that cannot change a run's result: where results and scratch files go, and a
-# profile's description. config_hash leaves them out, so moving them re-runs nothing.
-HASH_EXCLUDED = ("store", "engine.offload_dir", "hardware.source")
+# Keys that cannot change a run's result: where results and scratch files go, a profile's
+# description, and what to do with a damaged weight cache (rebuilt or refused, a run never
+# reads one). config_hash leaves them out, so changing them re-runs nothing.
+HASH_EXCLUDED = ("store", "engine.offload_dir", "engine.weight_cache", "hardware.source")
 
 
 def config_hash(cfg: RunConfig, dtype: str, device: str) -> str:
@@ -242,16 +250,54 @@ def make_prompts(cfg: RunConfig, spec: ModelSpec, num_prompts: int):
 
 
 def prepare(cfg: RunConfig) -> tuple[ModelSpec, torch.device, str, dict[str, int]]:
-    """Every check that can fail before work starts: values, features, budgets."""
+    """Every check that can fail before work starts: values, features, weight files' headers,
+    budgets (check_paths adds the store's and the offload directory's)."""
     spec = validate(cfg)
     if cfg.model.name == "local" and not cfg.model.path:
         raise ConfigError("model=local needs model.path=DIR (config.json + *.safetensors)")
     check_built(cfg)
+    if cfg.model.path:
+        check_weight_files(cfg.model.path)
+    profile = HardwareProfile.from_config(cfg.hardware)  # its speeds and factors too
     if cfg.backend.name == "simulated":  # any profile, as long as it has speeds
-        HardwareProfile.from_config(cfg.hardware).require_speeds()
+        profile.require_speeds()
         return spec, SIMULATED, resolve_dtype(cfg.dtype, SIMULATED), parse_budgets(cfg.hardware)
     device = compute_device()
     return spec, device, resolve_dtype(cfg.dtype, device), check_budgets(cfg, device)
+
+
+def check_weight_files(path: str) -> None:
+    """A local model's weight files exist and their headers parse (cheap: no tensor is
+    read), so a pickle-only or corrupt directory is a configuration error."""
+    try:
+        for file in safetensors_files(path):
+            safetensors_keys(file, path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def uses_disk(cfg: RunConfig) -> bool:
+    """Whether a run may put anything on the disk tier (a searched policy may)."""
+    p = cfg.policy
+    return (cfg.backend.name == "measured" and cfg.system.name == "flexgen_lab"
+            and (p.name == "search" or any(getattr(p, kind).gpu + getattr(p, kind).cpu < 1
+                                           for kind in ("weights", "cache", "activations"))))
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """The results store can be written and, for a run that may use the disk tier, the
+    offload directory takes an aligned block with engine.disk_io (a probe, removed)."""
+    try:
+        check_path(cfg.store.path)
+    except StoreError as err:
+        raise ConfigError(str(err)) from None
+    if uses_disk(cfg):
+        try:
+            probe(cfg.engine.offload_dir, cfg.engine.disk_io)
+        except OSError as err:
+            raise ConfigError(f"engine.offload_dir={cfg.engine.offload_dir!r}: "
+                              f"{err.strerror or err}; allowed: a writable directory on a "
+                              "disk") from None
 
 
 def searched(cfg: RunConfig, spec: ModelSpec, dtype: str, device: torch.device) -> RunConfig:
@@ -283,10 +329,14 @@ def searched(cfg: RunConfig, spec: ModelSpec, dtype: str, device: torch.device) 
 def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
     """Run one configuration and store its row; raises ConfigError before any work if invalid."""
     spec, device, dtype, budgets = prepare(cfg)
+    check_paths(cfg)
     asked = config_hash(cfg, dtype, device_name(device))
     if cfg.policy.name == "search":
         cfg = searched(cfg, spec, dtype, device)
-    store = ResultStore(cfg.store.path)
+    try:
+        store = ResultStore(cfg.store.path)
+    except StoreError as err:  # a damaged file behind a valid header: nothing ran yet
+        raise ConfigError(str(err)) from None
     row = (config_columns(cfg, spec, dtype, device, budgets)
            | prediction_columns(cfg, spec, dtype, device))
     row["config_hash"] = asked  # a searched run is known by what was asked
@@ -369,7 +419,7 @@ def _execute(cfg: RunConfig, spec: ModelSpec, device: torch.device, dtype: str,
             sampling = Sampling(cfg.workload.temperature, cfg.seed, cfg.workload.stop_token)
             with Engine(spec, weights, policy, cfg.schedule.name, device, torch_dtype,
                         callbacks, tiers, cfg.engine.offload_dir, cfg.engine.disk_io,
-                        io_workers(cfg, device)) as engine:
+                        io_workers(cfg, device), cfg.engine.weight_cache) as engine:
                 gen = engine.generate(ids, mask, cfg.workload.gen_len, sampling)
                 extra = engine_columns(engine, tiers, gen)
     extra |= {"peak_rss_bytes": rss.peak_bytes,

@@ -10,6 +10,10 @@ the common ones). The aligned middle of a request moves straight between file an
 rest goes through a per-thread bounce buffer, and unaligned writes read-modify-write partial
 edge blocks under a per-file lock, so threads writing adjacent ranges lose nothing.
 
+A failed system call (a full disk, a file-size limit, an I/O error) raises DiskError, an
+OSError naming the file, the offset and the size; `probe` checks before a run starts that a
+directory takes an aligned block in the configured mode.
+
     >>> with DiskDir("/tmp/flexgen_lab", unique=True) as scratch:  # removed on exit
     ...     f = scratch.file("kv.bin", nbytes=8192)
     ...     f.write_from(100, torch.arange(10.0)), f.read_into(100, torch.empty(10))
@@ -24,12 +28,12 @@ import io
 import os
 import shutil
 import threading
-import uuid
 import weakref
 from pathlib import Path
 
 import torch
 
+from flexgen_lab.engine.owners import temporary_name
 from flexgen_lab.units import round_up
 
 ALIGN = 4096
@@ -51,6 +55,16 @@ def aligned_empty(nbytes: int) -> torch.Tensor:
     base = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
     shift = -base.data_ptr() % ALIGN
     return base[shift : shift + nbytes]
+
+
+class DiskError(OSError):
+    """A read or write on the disk tier failed; the message names the file."""
+
+
+def _disk_error(err: OSError, what: str) -> DiskError:
+    hint = (" (the disk is full or a file-size limit was reached)"
+            if err.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT) else "")
+    return DiskError(err.errno, f"{what}: {err.strerror or err}{hint}")
 
 
 def bounce_bytes() -> int:
@@ -151,7 +165,12 @@ class DiskFile:
             raise ValueError(f"DiskFile nbytes={nbytes!r}: a new file needs a size >= 0")
         self._path = Path(path)
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC if create else os.O_RDONLY
-        self._fd, self._mode = _open(self._path, flags | getattr(os, "O_CLOEXEC", 0), mode)
+        try:
+            self._fd, self._mode = _open(self._path, flags | getattr(os, "O_CLOEXEC", 0), mode)
+        except FileNotFoundError:
+            raise  # callers tell a missing file apart (the weight cache rebuilds then)
+        except OSError as err:
+            raise _disk_error(err, f"opening {self._path}") from err
         self._closer = weakref.finalize(self, os.close, self._fd)  # no fd leak if never closed
         try:
             size = os.fstat(self._fd).st_size
@@ -161,6 +180,9 @@ class DiskFile:
                 nbytes = size
             elif size < nbytes:
                 raise ValueError(f"{self._path} holds {size} bytes, fewer than nbytes={nbytes}")
+        except OSError as err:
+            self.close()
+            raise _disk_error(err, f"sizing {self._path} ({nbytes} bytes)") from err
         except BaseException:
             self.close()
             raise
@@ -193,14 +215,17 @@ class DiskFile:
                 f"(size {self._nbytes} bytes)"
             )
         segments = _segments(offset, buf) if self._mode == "direct" else [(offset, buf, True)]
-        for start, part, direct in segments:
-            if direct:
-                _transfer(self._fd, part, start, write)
-            elif write:
-                self._bounced_write(start, part)
-            else:
-                self._bounced_read(start, part)
-        self._drop_cache(offset, n, write)
+        try:
+            for start, part, direct in segments:
+                if direct:
+                    _transfer(self._fd, part, start, write)
+                elif write:
+                    self._bounced_write(start, part)
+                else:
+                    self._bounced_read(start, part)
+            self._drop_cache(offset, n, write)
+        except OSError as err:
+            raise _disk_error(err, f"{op} of {n} bytes at offset {offset} in {self._path}") from err
         return n
 
     def _bounced_read(self, offset: int, dst: torch.Tensor) -> None:
@@ -249,13 +274,14 @@ class DiskFile:
 
 class DiskDir:
     """A directory of DiskFiles: a run's scratch dir (`unique=True` makes a fresh
-    `run-<pid>-<uuid8>` under `path`, so parallel jobs never collide) or the weight cache.
-    As a context manager a unique (scratch) dir is removed on exit, a named one only closed."""
+    `run-<host>-<pid>-<start>-<nonce>` under `path`, so parallel jobs never collide, and a
+    later run can tell that its owner is gone: engine/owners.py) or a named one. As a context
+    manager a unique (scratch) dir is removed on exit, a named one only closed."""
 
     def __init__(self, path, unique: bool = False, mode: str = "direct"):
         path = Path(path)
         if unique:
-            path = path / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            path = path / temporary_name("run")
         path.mkdir(parents=True, exist_ok=not unique)  # a unique name that exists fails loudly
         self._path, self._mode, self._unique = path, mode, unique
         self._files: dict[str, DiskFile] = {}
@@ -297,3 +323,53 @@ class DiskDir:
 
     def __exit__(self, *exc) -> None:
         self.remove() if self._unique else self.close()
+
+
+def filesystem_type(path) -> str:
+    """The type of the filesystem holding `path` (or its nearest existing parent), from
+    /proc/self/mountinfo: the mount point that is the longest prefix; "unknown" without it."""
+    target = Path(path).resolve()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    best, fstype = "", "unknown"
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return fstype
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        mount = fields.split()[4].replace("\\040", " ")
+        inside = str(target) == mount or str(target).startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best) and rest:
+            best, fstype = mount, rest.split()[0]
+    return fstype
+
+
+def probe(directory, mode: str) -> None:
+    """Make `directory` (and parents) and write, read back and remove one aligned block in it
+    with I/O mode `mode`: an offload directory that cannot hold the disk tier fails here,
+    before a run starts. Raises DiskError naming the directory and its filesystem type;
+    directories it made are removed again on failure (only while empty)."""
+    directory = Path(directory)
+    made = [p for p in (directory, *directory.parents) if not p.exists()]
+    path = directory / temporary_name(".probe")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        pattern = aligned_empty(ALIGN)
+        pattern.copy_(torch.arange(ALIGN, dtype=torch.int64).to(torch.uint8))
+        back = aligned_empty(ALIGN)
+        with DiskFile(path, ALIGN, mode) as f:
+            f.write_from(0, pattern)
+            f.read_into(0, back)
+        if not torch.equal(pattern, back):
+            raise DiskError(errno.EIO, "the block read back differs from the block written")
+    except (OSError, ValueError) as err:
+        for p in made:  # innermost first; rmdir refuses a directory someone else filled
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise DiskError(getattr(err, "errno", None) or errno.EIO,
+                        f"{directory} ({filesystem_type(directory)} filesystem) cannot hold "
+                        f"the disk tier with engine.disk_io={mode}: {err}") from err
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from flexgen_lab.engine import bounce, cuda_sync, schedule
+from flexgen_lab.engine import bounce, cuda_sync, owners, schedule
 from flexgen_lab.engine.activation_homes import ActivationHomes
 from flexgen_lab.engine.attention import CacheAttention
 from flexgen_lab.engine.batch import BatchState, Callbacks, Generation, Sampling, pick_tokens
@@ -30,7 +30,8 @@ from flexgen_lab.engine.memory import release_free_heap
 from flexgen_lab.engine.policy import Policy
 from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.engine.transfer import IO_THREADS, Executor, Links, wait
-from flexgen_lab.engine.weight_homes import WeightCache, WeightHomes
+from flexgen_lab.engine.weight_cache import WeightCache
+from flexgen_lab.engine.weight_homes import WeightHomes
 from flexgen_lab.engine.workspace import step_workspace_bytes
 from flexgen_lab.models import families, ops
 from flexgen_lab.models.spec import ModelSpec
@@ -46,7 +47,7 @@ class Engine:
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  callbacks: Callbacks | None = None, tiers: Tiers | None = None,
                  offload_dir: str | Path | None = None, disk_io: str = "direct",
-                 io_workers: int = IO_THREADS):
+                 io_workers: int = IO_THREADS, weight_cache: str = "rebuild"):
         self.spec, self.policy, self.schedule = spec, policy, schedule
         self.device, self.dtype = torch.device(device), dtype
         self.family = families.get(spec.family)
@@ -55,6 +56,8 @@ class Engine:
         self.tiers = tiers or Tiers(UNLIMITED, UNLIMITED, UNLIMITED, device, policy.pin_memory)
         self.offload_dir = Path(offload_dir or Path(tempfile.gettempdir()) / "flexgen_lab_offload")
         self.disk_io, self.io_workers = disk_io, io_workers
+        self.weight_cache_mode = weight_cache
+        owners.sweep(self.offload_dir)  # scratch and half-built caches of killed runs
         self._scratch: DiskDir | None = None
         self._weight_cache: WeightCache | None = None
         self.placed: dict[str, dict[str, int]] = {}  # kind -> tier -> bytes achieved
@@ -93,7 +96,7 @@ class Engine:
                   if p.compress_weight else None)
         if p.weights.disk > 0:
             self._weight_cache = WeightCache(self.offload_dir, source, self.spec, self.dtype,
-                                             config, self.disk_io)
+                                             config, self.disk_io, self.weight_cache_mode)
         return WeightHomes(self.spec, source, p.weights, self.tiers, self.dtype, config,
                            self._weight_cache)
 

@@ -4,25 +4,21 @@ Parts are the input embedding, each decoder layer and the output head (models/we
 Every tensor of two or more dimensions may be stored compressed (4-bit groups along dim 0,
 the output channel); norms and biases never are. A tensor splits along dim 0 in units (rows,
 or quantisation groups) by the policy's weight shares. Disk rows are read from a read-only
-weight cache: files of the stored form, keyed by everything that changes their bytes (model
-identity, dtype, compression), written once and reused by later runs.
+weight cache (engine/weight_cache.py): files of the stored form, keyed by everything that
+changes their bytes (model identity, dtype, compression), written once and reused by later
+runs.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from flexgen_lab.engine import compress
-from flexgen_lab.engine.disk import ALIGN, DiskFile
+from flexgen_lab.engine.disk import ALIGN
 from flexgen_lab.engine.placement import split_units
 from flexgen_lab.engine.policy import Placement
 from flexgen_lab.engine.split_array import SplitArray
@@ -30,6 +26,9 @@ from flexgen_lab.engine.tiers import Tiers, nbytes_of
 from flexgen_lab.engine.transfer import Links
 from flexgen_lab.models.weights import part_names
 from flexgen_lab.units import ceil_div, round_up
+
+if TYPE_CHECKING:  # weight_cache.py imports this module's stored form
+    from flexgen_lab.engine.weight_cache import WeightCache
 
 
 def stored_arrays(tensor: torch.Tensor, config: compress.CompressionConfig | None, name: str):
@@ -58,65 +57,6 @@ def slot_layout(sizes: list[int]) -> tuple[list[int], int]:
 
 def part_key(part: str, layer: int | None) -> str:
     return part if layer is None else f"{part}{layer:04d}"
-
-
-class WeightCache:
-    """Read-only stored-form weight files on disk: <root>/weight_cache/<key>/<part>.bin."""
-
-    def __init__(self, root: str | Path, source, spec, dtype: torch.dtype,
-                 config: compress.CompressionConfig | None, disk_io: str):
-        identity = f"{source.identity()}|{dtype}|{config}"
-        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        self.dir = Path(root) / "weight_cache" / key
-        self.mode = disk_io
-        if not (self.dir / "manifest.json").exists():
-            self._build(source, spec, dtype, config)
-        self.manifest = json.loads((self.dir / "manifest.json").read_text())
-        self._files: dict[str, DiskFile] = {}
-
-    def _build(self, source, spec, dtype, config) -> None:
-        """Write every part to a temporary directory, then rename it into place (atomic)."""
-        tmp = self.dir.parent / f".{self.dir.name}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        manifest = {}
-        try:
-            for part, layer in part_names(spec):
-                manifest[part_key(part, layer)] = self._write_part(
-                    tmp, part_key(part, layer), source.part(part, layer, dtype), config)
-            (tmp / "manifest.json").write_text(json.dumps(manifest))
-            os.replace(tmp, self.dir)
-        except FileExistsError:  # another job built it first: use theirs
-            pass
-        except OSError as err:
-            if not (self.dir / "manifest.json").exists():
-                raise err
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def _write_part(self, tmp: Path, key: str, tensors: dict, config) -> dict:
-        layout, arrays, offset = {}, [], 0
-        for name, tensor in tensors.items():
-            layout[name] = {}
-            for array, (value, _) in stored_arrays(tensor, config, f"{key}.{name}").items():
-                layout[name][array] = offset
-                arrays.append((offset, value.contiguous()))
-                offset += round_up(value.nbytes, ALIGN)
-        with DiskFile(tmp / f"{key}.bin", max(offset, ALIGN), self.mode) as f:
-            for start, value in arrays:
-                f.write_from(start, value)
-        return layout
-
-    def file(self, key: str) -> DiskFile:
-        if key not in self._files:
-            self._files[key] = DiskFile(self.dir / f"{key}.bin", None, self.mode, create=False)
-        return self._files[key]
-
-    def offset(self, key: str, name: str, array: str) -> int:
-        return self.manifest[key][name][array]
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
 
 
 @dataclass

@@ -19,21 +19,16 @@ import os
 import shutil
 import socket
 import statistics
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
+from flexgen_lab.config import user_config_dir
 from flexgen_lab.engine.disk import DiskFile, aligned_empty
 
 GiB = 2**30
-
-
-def user_config_dir() -> Path:
-    default = Path(os.environ.get("HOME", tempfile.gettempdir())) / ".config" / "flexgen_lab"
-    return Path(os.environ.get("FLEXGEN_LAB_CONFIG_DIR", default))
 
 
 def _median_seconds(fn, repeats: int, sync) -> float:

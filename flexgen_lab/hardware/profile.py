@@ -32,13 +32,16 @@ def parse_rate(value, key: str) -> float | None:
     """A number (bytes/s or FLOP/s) or a string such as "12.89GiB/s" or "21.24TFLOP/s"."""
     if value is None:
         return None
+    rate = None
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return float(value)
+        rate = float(value)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([A-Za-z/]*)\s*", str(value))
     if match and match.group(2) in _RATE_UNITS and float(match.group(1)) > 0:
-        return float(match.group(1)) * _RATE_UNITS[match.group(2)]
-    raise ConfigError(f"hardware.{key}={value!r}: expected a positive rate, a number or with a "
-                      f"unit ({', '.join(_RATE_UNITS)}), e.g. '12GB/s'")
+        rate = float(match.group(1)) * _RATE_UNITS[match.group(2)]
+    if rate is None or not math.isfinite(rate):
+        raise ConfigError(f"hardware.{key}={value!r}: expected a positive finite rate, a "
+                          f"number or with a unit ({', '.join(_RATE_UNITS)}), e.g. '12GB/s'")
+    return rate
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class HardwareProfile:
                                                                       *OPTIONAL_SPEEDS)}
         if not 0 <= cfg.step_overhead_s < 1:
             raise ConfigError(f"hardware.step_overhead_s={cfg.step_overhead_s!r}: seconds per "
-                              "compute step, in [0, 1)")
+                              "compute step; allowed: [0, 1)")
         if not 0 < cfg.safety_factor <= 1:
             raise ConfigError(f"hardware.safety_factor={cfg.safety_factor!r}: must be in (0, 1]")
         return HardwareProfile(

@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from flexgen_lab.models import families
 from flexgen_lab.models.spec import ModelSpec
@@ -74,6 +74,31 @@ class DummyWeights:
         return x * shape[1] ** -0.5
 
 
+def safetensors_files(path: str | Path) -> list[Path]:
+    """A model directory's weight files; ValueError naming model.path when it has none."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in Path(path).glob("*.bin")) + sorted(
+            p.name for p in Path(path).glob("*.pt"))
+        found = f" (found {', '.join(pickles)}: pickle checkpoints are refused)" if pickles else ""
+        raise ValueError(f"model.path={str(path)!r} has no *.safetensors files{found}; "
+                         "allowed: a directory with config.json and *.safetensors (convert "
+                         "with transformers' save_pretrained(..., safe_serialization=True))")
+    return files
+
+
+def safetensors_keys(file: Path, model_path: str | Path) -> list[str]:
+    """The tensor names in a safetensors file's header; ValueError naming the file and
+    model.path when it is corrupt or truncated (the header covers the whole file)."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"model.path={str(model_path)!r}: {file.name} is not a valid "
+                         f"safetensors file ({err}); download or save it again; allowed: a "
+                         "directory with config.json and valid *.safetensors") from None
+
+
 class LocalWeights:
     """A Hugging Face directory: config.json plus *.safetensors (never pickle)."""
 
@@ -81,10 +106,7 @@ class LocalWeights:
         self.path = Path(path)
         self.spec = ModelSpec.from_hf_config(self.path)
         self._family = families.get(self.spec.family)
-        self._files = sorted(self.path.glob("*.safetensors"))
-        if not self._files:
-            raise ValueError(f"model.path={str(path)!r} has no *.safetensors files "
-                             "(pickle checkpoints are refused)")
+        self._files = safetensors_files(path)
         self._key_to_file = self._index()
 
     def identity(self) -> str:
@@ -95,8 +117,7 @@ class LocalWeights:
     def _index(self) -> dict[str, Path]:
         index: dict[str, Path] = {}
         for file in self._files:
-            with safe_open(str(file), framework="pt") as f:
-                index |= {key: file for key in f.keys()}
+            index |= {key: file for key in safetensors_keys(file, self.path)}
         return index
 
     def part(self, part: str, layer: int | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:

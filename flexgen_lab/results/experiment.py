@@ -105,8 +105,8 @@ class Experiment:
         simulated, cpu for measured)."""
         if scale is not None:
             if scale not in self.scales:
-                raise ConfigError(f"reproduce.scale={scale!r}: experiment {self.name} has "
-                                  f"scales {sorted(self.scales)}")
+                raise ConfigError(f"reproduce.scale={scale!r}: allowed: "
+                                  f"{sorted(self.scales)} (experiment {self.name}'s scales)")
             return self.scales[scale]
         wanted = {"simulated": "paper", "measured": "cpu"}.get(backend or "simulated")
         if wanted not in self.scales:

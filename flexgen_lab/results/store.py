@@ -16,6 +16,7 @@ recorded by older code stay readable and keep their run_ids.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sqlite3
 import time
@@ -105,8 +106,49 @@ _RETRY_FIRST_SLEEP_S = 0.01
 _RETRY_MAX_SLEEP_S = 1.0
 
 
-class SchemaTooNewError(RuntimeError):
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database
+
+
+class StoreError(RuntimeError):
+    """store.path cannot hold a results store; the message says why and what is allowed."""
+
+
+class SchemaTooNewError(StoreError):
     """The file was written by a newer flexgen_lab; writing to it could corrupt its meaning."""
+
+
+def check_path(path: str | Path) -> None:
+    """Raise StoreError when `path` cannot be a results store (empty, a directory, a parent
+    that is a file, a file that is not SQLite, not writable), touching nothing. An absent
+    path is fine (it is created) and so is an empty file (SQLite's empty database)."""
+    text = str(path)
+    allowed = "allowed: a flexgen_lab results file (SQLite) or a new file's path"
+    if not text.strip():
+        raise StoreError(f"store.path={text!r}: empty; {allowed}, e.g. "
+                         "results/flexgen_lab.sqlite")
+    target = Path(text)
+    if target.is_dir():
+        raise StoreError(f"store.path={text!r} is a directory; {allowed}")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StoreError(f"store.path={text!r}: {parent} is a file, not a directory; {allowed}")
+    if not target.exists():
+        if not os.access(parent, os.W_OK):
+            raise StoreError(f"store.path={text!r}: {parent} is not writable; {allowed}")
+        return
+    try:
+        with open(target, "rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError as err:
+        raise StoreError(f"store.path={text!r} cannot be read ({err.strerror}); {allowed}"
+                         ) from None
+    if header and header != SQLITE_HEADER:
+        raise StoreError(f"store.path={text!r} is not a SQLite file (it starts with "
+                         f"{header!r}); {allowed}")
+    if not os.access(target, os.W_OK):
+        raise StoreError(f"store.path={text!r} is not writable; {allowed}")
 
 
 def _run_column_sql(name: str, sql_type: str) -> str:
@@ -212,11 +254,16 @@ class ResultStore:
     write the same file at once."""
 
     def __init__(self, path: str | Path) -> None:
+        check_path(path)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._closed = False
-        _with_retry(self._enable_wal)
-        _with_retry(self._migrate)
+        try:
+            _with_retry(self._enable_wal)
+            _with_retry(self._migrate)
+        except sqlite3.DatabaseError as err:  # a damaged file with a valid header, ...
+            raise StoreError(f"store.path={str(path)!r} is not a usable results store: {err}"
+                             ) from None
 
     # -- connections and transactions -------------------------------------------------------
 

@@ -213,7 +213,7 @@ def test_bounce_buffers_are_chunked_reused_and_counted(tmp_path, monkeypatch):
 def test_disk_dir_unique_remove_and_reopen(tmp_path):
     a, b = DiskDir(tmp_path, unique=True), DiskDir(tmp_path, unique=True)
     assert a.path != b.path and a.path.parent == b.path.parent == tmp_path
-    assert a.path.name.startswith(f"run-{os.getpid()}-")
+    assert a.path.name.startswith("run-") and f"-{os.getpid()}-" in a.path.name
     f = a.file("x", 10)
     f.write_from(0, torch.ones(10, dtype=torch.uint8))
     assert a.file("x") is f
