@@ -205,7 +205,9 @@ with PeakRSS() as rss, torch.inference_mode():
     with Engine(spec, DummyWeights(spec, 0), policy, dtype=torch.bfloat16, tiers=tiers,
                 offload_dir=sys.argv[4]) as engine:
         engine.generate(ids, mask, 4)
-print(tiers["gpu"].peak + tiers["cpu"].peak, rss.peak_bytes)
+from flexgen_lab.planner.memory_model import peak_bytes
+model = peak_bytes(spec, policy, 256, 4, 2)
+print(tiers["gpu"].peak + tiers["cpu"].peak, rss.peak_bytes, int(model["gpu"] + model["cpu"]))
 """
 
 
@@ -218,9 +220,10 @@ def section_memory() -> None:
     for w, c, d in ((1.0, 0.0, 1.0), (0.0, 1.0, 0.0), (0.2, 0.3, 0.5)):
         out = subprocess.run([sys.executable, "-c", MEMORY_RUN, str(w), str(c), str(d),
                               OFFLOAD], capture_output=True, text=True, check=True)
-        accounted, real = (int(x) for x in out.stdout.split())
+        accounted, real, modelled = (int(x) for x in out.stdout.split())
         print(f"[memory] opt-1.3b bf16, batch 8, prompt 256, weights gpu/cpu {w}/{c}, cache "
-              f"gpu {d}: accounted gpu+cpu peak {accounted / GiB:.2f} GiB, peak RSS above "
+              f"gpu {d}: modelled gpu+cpu peak {modelled / GiB:.2f} GiB (memory_model), "
+              f"accounted {accounted / GiB:.2f} GiB, peak RSS above "
               f"start {real / GiB:.2f} GiB, real / accounted = {real / accounted:.2f} "
               "(measured, cpu device: both tiers are host memory)")
 
