@@ -89,7 +89,7 @@ class HardwareConfig:
     """
 
     name: str = "local"
-    gpu_mem: Any = "4GiB"  # bytes (int) or a string with a unit: "16GiB", "15GB"
+    gpu_mem: Any = "4GiB"  # bytes (int), a string with a unit ("16GiB", "15GB"), or "local"
     cpu_mem: Any = "8GiB"
     disk_mem: Any = "32GiB"
     source: str = ""
@@ -220,15 +220,25 @@ def parse_bytes(value: Any, key: str) -> int:
     return nbytes
 
 
-def parse_budgets(hardware: HardwareConfig) -> dict[str, int]:
-    """Tier -> capacity in bytes, from hardware.gpu_mem, cpu_mem and disk_mem; one ConfigError
-    naming every bad one."""
+def parse_budgets(hardware: HardwareConfig, offload_dir: str = "results/offload"
+                  ) -> dict[str, int]:
+    """Tier -> capacity in bytes, from hardware.gpu_mem, cpu_mem and disk_mem (the word
+    `local`: this machine's, hardware/local.py; disk on offload_dir's filesystem); one
+    ConfigError naming every bad one."""
     budgets, problems = {}, []
     for tier in ("gpu", "cpu", "disk"):
+        value = getattr(hardware, f"{tier}_mem")
         try:
-            budgets[tier] = parse_bytes(getattr(hardware, f"{tier}_mem"), f"hardware.{tier}_mem")
+            if value == "local":
+                from flexgen_lab.hardware.local import capacity
+
+                budgets[tier] = capacity(tier, offload_dir)
+                continue
+            budgets[tier] = parse_bytes(value, f"hardware.{tier}_mem")
         except ConfigError as err:
             problems.append(str(err))
+        except OSError as err:  # this machine's capacity could not be read
+            problems.append(f"hardware.{tier}_mem='local': {err}")
     if problems:
         raise ConfigError("; ".join(problems))
     return budgets
@@ -267,7 +277,7 @@ def validate(cfg: RunConfig) -> ModelSpec:
     """Check every value; raise one ConfigError listing all problems. Returns the model spec."""
     problems = _check_choices(cfg) + _check_sizes(cfg) + _check_policy(cfg.policy)
     try:
-        parse_budgets(cfg.hardware)
+        parse_budgets(cfg.hardware, cfg.engine.offload_dir)
     except ConfigError as err:
         problems.append(str(err))
     spec = None
@@ -388,7 +398,7 @@ def _check_prompt_bytes(cfg: RunConfig) -> list[str]:
     w, p = cfg.workload, cfg.policy
     count = w.num_prompts or (p.gpu_batch_size * p.num_gpu_batches if p.name == "manual" else 0)
     try:
-        cpu = parse_bytes(cfg.hardware.cpu_mem, "hardware.cpu_mem")
+        cpu = parse_budgets(cfg.hardware, cfg.engine.offload_dir)["cpu"]  # `local` resolved
     except ConfigError:
         return []  # reported with the budgets
     need = count * w.prompt_len * 8

@@ -102,7 +102,7 @@ def check_built(cfg: RunConfig) -> None:
 
 def check_budgets(cfg: RunConfig, device: torch.device) -> dict[str, int]:
     """Tier budgets in bytes; a measured run may not promise more than this machine has."""
-    budgets = parse_budgets(cfg.hardware)
+    budgets = parse_budgets(cfg.hardware, cfg.engine.offload_dir)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if device.type == "cuda":
         limits = {"gpu": torch.cuda.get_device_properties(device).total_memory, "cpu": ram}
@@ -212,7 +212,8 @@ def io_workers(cfg: RunConfig, device: torch.device) -> int:
 
 def run_profile(cfg: RunConfig, device: torch.device) -> HardwareProfile:
     """The hardware profile predictions for this run use: its I/O workers are the run's."""
-    return HardwareProfile.from_config(cfg.hardware).replace(io_workers=io_workers(cfg, device))
+    profile = HardwareProfile.from_config(cfg.hardware, cfg.engine.offload_dir)
+    return profile.replace(io_workers=io_workers(cfg, device))
 
 
 def prediction_columns(cfg: RunConfig, spec: ModelSpec, dtype: str,
@@ -261,7 +262,8 @@ def prepare(cfg: RunConfig) -> tuple[ModelSpec, torch.device, str, dict[str, int
     profile = HardwareProfile.from_config(cfg.hardware)  # its speeds and factors too
     if cfg.backend.name == "simulated":  # any profile, as long as it has speeds
         profile.require_speeds()
-        return spec, SIMULATED, resolve_dtype(cfg.dtype, SIMULATED), parse_budgets(cfg.hardware)
+        budgets = parse_budgets(cfg.hardware, cfg.engine.offload_dir)
+        return spec, SIMULATED, resolve_dtype(cfg.dtype, SIMULATED), budgets
     device = compute_device()
     return spec, device, resolve_dtype(cfg.dtype, device), check_budgets(cfg, device)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from flexgen_lab.hardware.local import mem_available
 from flexgen_lab.results.store import ResultStore
 from tests.conftest import python_cli
 
@@ -111,6 +112,25 @@ def test_multirun_with_joblib_stores_every_job(tmp_path):
     assert out.returncode == 0, out.stderr
     runs = ResultStore(db).runs()
     assert sorted(runs.gpu_batch_size) == [1, 2, 3] and set(runs.status) == {"ok"}
+    # hardware=local: each of the 2 parallel jobs gets 40 % of MemAvailable / 2 per host tier
+    share = 0.4 * mem_available() / 2
+    assert runs.cpu_budget_bytes.between(0.5 * share, 1.5 * share).all()
+    assert (runs.gpu_budget_bytes == runs.cpu_budget_bytes).all()
+
+
+def test_hardware_local_is_this_machine_hashed_as_local(tmp_path):
+    """The row holds this machine's bytes (40 % of MemAvailable per host tier, 80 % of the
+    offload filesystem's free space), the config hash the word: two runs with the same request
+    share a hash whatever memory was free."""
+    db = tmp_path / "r.sqlite"
+    for _ in range(2):
+        assert cli(tmp_path, "run", *TINY, f"store.path={db}").returncode == 0
+    runs = ResultStore(db).runs()
+    share, free = 0.4 * mem_available(), shutil.disk_usage(tmp_path).free
+    assert runs.cpu_budget_bytes.between(0.7 * share, 1.3 * share).all()
+    assert runs.disk_budget_bytes.between(0.6 * free, 0.9 * free).all()
+    assert runs.config_hash.nunique() == 1
+    assert '"gpu_mem": "local"' in runs.config_json.iloc[0]
 
 
 def test_multirun_goes_on_after_a_failed_job_and_exits_nonzero(tmp_path, hf_checkpoint):

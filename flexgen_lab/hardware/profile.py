@@ -71,7 +71,8 @@ class HardwareProfile:
     io_workers: int | None = None  # loads and stores in flight at once; None: IO_THREADS
 
     @staticmethod
-    def from_config(cfg: HardwareConfig) -> HardwareProfile:
+    def from_config(cfg: HardwareConfig, offload_dir: str = "results/offload"
+                    ) -> HardwareProfile:
         speeds = {key: parse_rate(getattr(cfg, key), key) for key in (*SPEED_FIELDS,
                                                                       *OPTIONAL_SPEEDS)}
         if not 0 <= cfg.step_overhead_s < 1:
@@ -81,7 +82,7 @@ class HardwareProfile:
             raise ConfigError(f"hardware.safety_factor={cfg.safety_factor!r}: must be in (0, 1]")
         return HardwareProfile(
             name=cfg.name, source=cfg.source,
-            **{f"{tier}_mem": nbytes for tier, nbytes in parse_budgets(cfg).items()},
+            **{f"{tier}_mem": nbytes for tier, nbytes in parse_budgets(cfg, offload_dir).items()},
             cpu_correction=tuple(float(c) for c in cfg.cpu_correction),
             safety_factor=float(cfg.safety_factor),
             step_overhead_s=float(cfg.step_overhead_s), io_workers=cfg.io_workers, **speeds)
