@@ -25,6 +25,7 @@ import time
 import torch
 
 from benchmarks.common import interleaved, summary
+from flexgen_lab.checks import compute_device
 from flexgen_lab.engine.cache_homes import CacheHomes
 from flexgen_lab.engine.compress import CompressionConfig
 from flexgen_lab.engine.engine import Engine
@@ -34,7 +35,7 @@ from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.engine.transfer import Links
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
-from flexgen_lab.runner import compute_device, device_name
+from flexgen_lab.runner import device_name
 from flexgen_lab.workload import synthetic_prompts
 
 GiB = 2**30

@@ -10,11 +10,11 @@ for Table 2's FlexGen cells at the paper's shapes, split by kind, against t4-pap
 
 from __future__ import annotations
 
-from flexgen_lab.config import model_spec
 from flexgen_lab.planner.memory_model import peak_breakdown
 from flexgen_lab.reproduce import make_config
 from flexgen_lab.results import experiment
 from flexgen_lab.runner import to_policy
+from flexgen_lab.validation import model_spec
 
 GB = 1e9
 KINDS = ("weights", "cache", "activations", "step")

@@ -18,11 +18,12 @@ import torch
 
 from benchmarks.common import interleaved, summary
 from flexgen_lab.baselines import hf_generate
+from flexgen_lab.checks import compute_device
 from flexgen_lab.engine.engine import Engine
 from flexgen_lab.engine.policy import Policy
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
-from flexgen_lab.runner import compute_device, device_name
+from flexgen_lab.runner import device_name
 from flexgen_lab.units import TORCH_DTYPES
 from flexgen_lab.workload import synthetic_prompts
 

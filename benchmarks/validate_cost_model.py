@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from flexgen_lab.checks import compute_device
 from flexgen_lab.engine.engine import Engine
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.hardware import calibrate
@@ -32,7 +33,7 @@ from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
 from flexgen_lab.planner.cost_model import predict
 from flexgen_lab.planner.fit import Observation, fit
-from flexgen_lab.runner import compute_device, device_name
+from flexgen_lab.runner import device_name
 from flexgen_lab.sim.simulator import simulate
 from flexgen_lab.workload import synthetic_prompts
 

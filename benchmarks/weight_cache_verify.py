@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from flexgen_lab.checks import compute_device
 from flexgen_lab.engine import engine as engine_module
 from flexgen_lab.engine.disk import DiskFile, aligned_empty
 from flexgen_lab.engine.engine import Engine
@@ -32,7 +33,7 @@ from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.weight_cache import WeightCache, digest, read_manifest
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
-from flexgen_lab.runner import compute_device, device_name
+from flexgen_lab.runner import device_name
 from flexgen_lab.workload import synthetic_prompts
 
 

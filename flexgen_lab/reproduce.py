@@ -162,9 +162,10 @@ def column_budgets(exp: Experiment, scale: Scale, cells: list[Cell]
     needs: a gpu budget a row does not fit would leave nothing to compare. The bytes go in
     the cells' configs (so in their hash and the budget columns); every cell of a column
     gets the same, so its rows compare."""
+    from flexgen_lab.checks import prepare
     from flexgen_lab.models.spec import ModelSpec
     from flexgen_lab.planner.memory_model import peak_bytes
-    from flexgen_lab.runner import prepare, to_policy
+    from flexgen_lab.runner import to_policy
 
     profile = load_profile(scale.budgets.partition(":")[2] or "t4-paper")
     budgets: dict[str, dict[str, float]] = {}
@@ -349,7 +350,8 @@ def predictions(planned: list[Planned], store: ResultStore, scale: Scale) -> dic
 def simulated_throughput(cfg: RunConfig, profile) -> float:
     """The simulator's token/s for cfg's policy and workload on `profile` (no capacity
     check: the caller says what the figure stands for)."""
-    from flexgen_lab.runner import prepare, to_policy
+    from flexgen_lab.checks import prepare
+    from flexgen_lab.runner import to_policy
     from flexgen_lab.sim.simulator import simulate
 
     spec, _, dtype, _ = prepare(cfg)
@@ -385,7 +387,8 @@ def _only_gpu_over(message: str) -> bool:
 
 def header(exp: Experiment, scale: Scale, planned: list[Planned], args: list[str]) -> dict:
     """What the table's first lines say: commit, profile, device, date, scale, backend."""
-    from flexgen_lab.runner import compute_device, device_name
+    from flexgen_lab.checks import compute_device
+    from flexgen_lab.runner import device_name
 
     names = [p.cfg.hardware.name for p in planned if p.cfg is not None]
     hardware = max(set(names), key=names.count) if names else "-"  # the scale's machine

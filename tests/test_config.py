@@ -13,12 +13,10 @@ from flexgen_lab.config import (
     ConfigError,
     HardwareConfig,
     RunConfig,
-    parse_budgets,
-    parse_bytes,
     register_configs,
-    validate,
 )
 from flexgen_lab.engine import schedule
+from flexgen_lab.validation import parse_budgets, parse_bytes, validate
 
 GROUPS = ["model", "hardware", "policy", "schedule", "compress", "workload", "store", "backend",
           "system", "distributed"]

@@ -15,8 +15,9 @@ import math
 import re
 from dataclasses import dataclass
 
-from flexgen_lab.config import ConfigError, HardwareConfig, parse_budgets
+from flexgen_lab.config import ConfigError, HardwareConfig
 from flexgen_lab.engine.transfer import IO_THREADS
+from flexgen_lab.validation import parse_budgets
 
 SPEED_FIELDS = ("bw_cpu_to_gpu", "bw_gpu_to_cpu_cache", "bw_gpu_to_cpu_hidden", "bw_disk_to_cpu",
                 "bw_cpu_to_disk_cache_prefill", "bw_cpu_to_disk_hidden_prefill",

@@ -11,13 +11,8 @@ import sqlite3
 import pytest
 
 from flexgen_lab.results import store as store_module
-from flexgen_lab.results.store import (
-    RUN_COLUMNS,
-    RUN_COLUMNS_V1,
-    RUN_COLUMNS_V2_ADDED,
-    ResultStore,
-    SchemaTooNewError,
-)
+from flexgen_lab.results.schema import RUN_COLUMNS, RUN_COLUMNS_V1, RUN_COLUMNS_V2_ADDED
+from flexgen_lab.results.store import ResultStore, SchemaTooNewError
 from flexgen_lab.results.tables import RECENT_COLUMNS, format_table, recent_runs
 
 # The contract, copied from docs/architecture.md on purpose: a change to the schema must change this too.
