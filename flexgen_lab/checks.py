@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import torch
 
 from flexgen_lab.config import ConfigError, RunConfig
 from flexgen_lab.engine.disk import filesystem_type, probe
+from flexgen_lab.hardware.local import existing_parent
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import safetensors_files, safetensors_keys
@@ -63,7 +63,7 @@ def check_budgets(cfg: RunConfig, device: torch.device) -> dict[str, int]:
         limits = {"gpu": torch.cuda.get_device_properties(device).total_memory, "cpu": ram}
     else:  # without a GPU the gpu tier is a budget inside host memory
         limits = {"gpu": ram, "cpu": ram - budgets["gpu"]}
-    limits["disk"] = shutil.disk_usage(_existing_parent(cfg.engine.offload_dir)).total
+    limits["disk"] = shutil.disk_usage(existing_parent(cfg.engine.offload_dir)).total
     if limits["disk"] == 0:  # /proc, /sys and the like report no space at all
         raise ConfigError(
             f"engine.offload_dir={cfg.engine.offload_dir!r} is on a "
@@ -77,13 +77,6 @@ def check_budgets(cfg: RunConfig, device: torch.device) -> dict[str, int]:
                 f"tier (hardware={cfg.hardware.name}); a measured run needs hardware=local or "
                 "smaller budgets (backend=simulated accepts any profile)")
     return budgets
-
-
-def _existing_parent(path: str) -> Path:
-    p = Path(path).resolve()
-    while not p.exists():
-        p = p.parent
-    return p
 
 
 def prepare(cfg: RunConfig) -> tuple[ModelSpec, torch.device, str, dict[str, int]]:

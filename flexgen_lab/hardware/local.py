@@ -38,7 +38,7 @@ def parallel_jobs() -> int:
         n_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
     except (ImportError, ValueError, AttributeError):
         return 1
-    return max(1, int(n_jobs)) if int(n_jobs) > 0 else 1
+    return max(1, int(n_jobs))
 
 
 def capacity(tier: str, offload_dir: str) -> int:
@@ -47,14 +47,16 @@ def capacity(tier: str, offload_dir: str) -> int:
 
     cuda = torch.cuda.is_available()
     if tier == "disk":
-        return int(DISK_SHARE * shutil.disk_usage(_existing(offload_dir)).free)
+        return int(DISK_SHARE * shutil.disk_usage(existing_parent(offload_dir)).free)
     if tier == "gpu" and cuda:
         return torch.cuda.get_device_properties(0).total_memory
     share = 2 * HOST_SHARE if (tier == "cpu" and cuda) else HOST_SHARE
     return int(share * mem_available() / parallel_jobs())
 
 
-def _existing(path: str) -> Path:
+def existing_parent(path: str) -> Path:
+    """`path`, or its nearest existing parent (a directory not made yet is on that one's
+    filesystem)."""
     p = Path(path or ".").resolve()
     while not p.exists():
         p = p.parent

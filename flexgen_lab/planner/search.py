@@ -47,7 +47,7 @@ class Found:
     simulated: float | None = None  # the simulator's token/s of `policy`, when re-ranked
     lp_best: tuple[Policy, float, float] | None = None  # the cost model's own best: policy,
     # predicted and simulated token/s (when re-ranking chose another)
-    # (simulated figures here: search.simulated_throughput, 8 tokens extrapolated)
+    # (simulated figures here: search.extrapolated_throughput, 8 tokens extrapolated)
 
 
 def _with(policy: Policy, kind: str, tier: str) -> Policy:
@@ -265,14 +265,14 @@ def _rerank(spec, profile, s, n, q, schedule, top):
     """The best simulated of the cost model's `top` answers (best first): its policy,
     prediction and simulated token/s, and the cost model's best with its two figures when
     that is another policy."""
-    simulated = [simulated_throughput(spec, policy, schedule, profile, s, n, q)
+    simulated = [extrapolated_throughput(spec, policy, schedule, profile, s, n, q)
                  for policy, _ in top]
     k = max(range(len(top)), key=simulated.__getitem__)
     lp_best = None if k == 0 else (top[0][0], top[0][1].generation_throughput, simulated[0])
     return top[k][0], top[k][1], simulated[k], lp_best
 
 
-def simulated_throughput(spec, policy, schedule, profile, s, n, q) -> float:
+def extrapolated_throughput(spec, policy, schedule, profile, s, n, q) -> float:
     """Token/s by the simulator over the first RERANK_TOKENS tokens, the decode time
     extrapolated to n tokens (a step's time grows only with the cache, by (n - 8) / s). One
     simulation of OPT-175B's 32 x 8 blocks over 32 tokens replays half a million ops in
