@@ -60,13 +60,13 @@ def _options(command: str, args: list[str], options: dict[str, str]) -> dict[str
 
 
 def calibrate_command(args: list[str]) -> None:
-    """Measure this machine: calibrate [name=calibrated] [quick=false] [offload_dir=DIR];
-    or refine a profile from stored runs: calibrate fit=true name=NAME [store.path=FILE]
-    [holdout=0.25] [out=NAME-fitted]."""
+    """Measure this machine: calibrate [name=calibrated] [quick=false] [offload_dir=DIR]
+    [model=NAME[,NAME...]] [dtype=auto]; or refine a profile from stored runs: calibrate
+    fit=true name=NAME [store.path=FILE] [holdout=0.25] [out=NAME-fitted]."""
     options = _options("calibrate", args, {
         "name": "calibrated", "quick": "false", "offload_dir": "results/offload",
         "fit": "false", "store.path": "results/flexgen_lab.sqlite", "holdout": "0.25",
-        "out": ""})
+        "out": "", "model": "", "dtype": "auto"})
     for key in ("quick", "fit"):
         if options[key] not in ("true", "false"):
             fail(f"calibrate: {key}={options[key]!r}; allowed: true, false", 2)
@@ -77,26 +77,50 @@ def calibrate_command(args: list[str]) -> None:
     if options["fit"] == "true":
         fit_command(options)
         return
+    measure_command(options)
+
+
+def measure_command(options: dict[str, str]) -> None:
+    """calibrate without fit: speeds, copy latencies and operator tables of named models."""
     import torch
 
+    from flexgen_lab.checks import compute_device, resolve_dtype
     from flexgen_lab.engine.disk import probe
     from flexgen_lab.hardware import calibrate
+    from flexgen_lab.models.spec import ModelSpec
 
     try:
         probe(options["offload_dir"], "direct")
     except OSError as err:
         fail(f"calibrate: offload_dir={options['offload_dir']!r}: {err.strerror or err}; "
               "allowed: a writable directory on a disk", 2)
-
+    allowed_dtypes = ("auto", "float32", "bfloat16", "float16")
+    if options["dtype"] not in allowed_dtypes:
+        fail(f"calibrate: dtype={options['dtype']!r}; allowed: {', '.join(allowed_dtypes)}", 2)
+    try:
+        specs = [ModelSpec.from_name(m) for m in options["model"].split(",") if m]
+    except (KeyError, ValueError) as err:
+        fail(f"calibrate: model={options['model']!r}: {err}", 2)
+    device = compute_device()
+    dtype = getattr(torch, resolve_dtype(options["dtype"], device))
     quick = options["quick"] == "true"
-    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
     speeds = calibrate.measure(quick, options["offload_dir"], dtype)
-    capacities = calibrate.default_capacities(options["offload_dir"])
-    path = calibrate.write_profile(options["name"], speeds, capacities,
-                                   calibrate.measured_source(quick))
+    settings = {"io_latency_s": calibrate.copy_latencies(device, Path(options["offload_dir"]))}
+    tables = calibrate.kept_tables(options["name"])
+    for spec in specs:
+        key, table = calibrate.model_table(spec, dtype, device, quick)
+        tables[key] = table.to_json()
+        print(f"  operator table {key} (measured: {', '.join(table.points)})")
+    if tables:
+        settings["op_tables"] = tables
+    path = calibrate.write_profile(options["name"], speeds,
+                                   calibrate.default_capacities(options["offload_dir"]),
+                                   calibrate.measured_source(quick), settings=settings)
     for key, value in speeds.items():
         unit = "FLOP/s" if "flops" in key else "B/s"
         print(f"  {key:32s} {value:12.4g} {unit} (measured)")
+    for link, seconds in settings["io_latency_s"].items():
+        print(f"  latency {link:24s} {1e6 * seconds:12.1f} us per copy (measured)")
     print(f"wrote {path}; use it with hardware={options['name']}")
 
 
@@ -150,8 +174,16 @@ def fit_command(options: dict[str, str]) -> None:
     capacities = {k: getattr(base, k) for k in ("gpu_mem", "cpu_mem", "disk_mem")}
     path = calibrate.write_profile(out, speeds, capacities, source, settings={
         "cpu_correction": list(base.cpu_correction), "safety_factor": base.safety_factor,
-        "step_overhead_s": fitted.step_overhead_s})
+        "step_overhead_s": fitted.step_overhead_s, **fitted_extras(fitted)})
     print(f"wrote {path}; use it with hardware={out}")
+
+
+def fitted_extras(fitted) -> dict:
+    """The fitted profile's latencies and (scaled) operator tables, as calibrate writes them."""
+    extras = {"io_latency_s": fitted.io_latency_s} if fitted.io_latency_s else {}
+    if fitted.op_tables:
+        extras["op_tables"] = {k: t.to_json() for k, t in fitted.op_tables.items()}
+    return extras
 
 
 def cache_command(args: list[str]) -> None:

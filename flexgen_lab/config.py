@@ -108,6 +108,8 @@ class HardwareConfig:
     cpu_correction: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # c1 c2 c3
     safety_factor: float = 0.8  # share of each capacity a searched policy may plan to use
     io_workers: Any = None  # I/O workers (loads and stores in flight); null: the device's default
+    io_latency_s: Any = None  # {link: seconds each copy on it costs beyond bytes / bandwidth}
+    op_tables: Any = None  # {shape key: {op: [[size, seconds], ...]}} (hardware/op_table.py)
 
 
 @dataclass

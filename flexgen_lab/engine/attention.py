@@ -130,7 +130,7 @@ class CacheAttention:
                 store = tier != "gpu"
             else:
                 k, v, store = self._keys_values(tier, seg, slot, p, fresh, cpu_side)
-                out = _attend(q_seg, k, v, key_mask[a:b, :p + 1], scale)
+                out = decode_attention(q_seg, k, v, key_mask[a:b, :p + 1], scale)
             if cpu_side:
                 back = torch.empty(out.shape, dtype=out.dtype, device=self.device)
                 links.copy(back, out, "cpu_to_gpu", token)
@@ -237,7 +237,7 @@ class CacheAttention:
             seg.write_rows(rows, start, links, token, stage, on_cpu)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
             scale: float) -> torch.Tensor:
     """q (n, nh, 1, d), k/v (p+1, n, nkv, d) token-major, key_mask (n, p+1) -> (n, 1, nh*d)."""
     compute_dtype = q.dtype

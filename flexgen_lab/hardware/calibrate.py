@@ -8,7 +8,9 @@ Copies between the tiers (real CUDA copies from pinned memory on a GPU; host cop
 another buffer without one, as the engine does), disk reads and writes with the page cache
 bypassed (the engine's own DiskFile), matmul and batched-matmul throughput shaped like
 prefill and decode, CPU attention, and device memory bandwidth. Each figure is the median of
-a few repeats after a warm-up. The profile goes to $FLEXGEN_LAB_CONFIG_DIR/hardware/ (default
+a few repeats after a warm-up. Also: what one small copy costs on each link beyond its bytes
+(`io_latency_s`), and with `model=` each model's operator time table at its own shapes
+(hardware/op_table.py). The profile goes to $FLEXGEN_LAB_CONFIG_DIR/hardware/ (default
 ~/.config/flexgen_lab), a directory conf/config.yaml adds to Hydra's search path.
 """
 
@@ -20,13 +22,16 @@ import shutil
 import socket
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from flexgen_lab.config import user_config_dir
 from flexgen_lab.engine.disk import DiskFile, aligned_empty
+from flexgen_lab.hardware.op_table import OpTable, measure_table, shape_key
 
 GiB = 2**30
 
@@ -115,6 +120,26 @@ def _cpu_attention_rate(h: int, repeats: int) -> float:
                                                         lambda: None)
 
 
+def copy_latencies(device: torch.device, directory: Path, repeats: int = 200
+                   ) -> dict[str, float]:
+    """Seconds one small copy (4 KiB) costs on each link, handed to an I/O thread and waited
+    for as the engine's loads and stores are: what a copy costs beyond its bytes."""
+    nbytes, sync = 4096, (torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    compute = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    buf = aligned_empty(nbytes)
+    out = {}
+    with ThreadPoolExecutor(1) as pool, DiskFile(directory / "calibrate-latency.bin",
+                                                 nbytes, "direct") as f:
+        ops = {"cpu_to_gpu": lambda: compute.copy_(host), "gpu_to_cpu": lambda: host.copy_(
+            compute), "disk_to_cpu": lambda: f.read_into(0, buf),
+               "cpu_to_disk": lambda: f.write_from(0, buf)}
+        for link, op in ops.items():
+            out[link] = _median_seconds(lambda op=op: pool.submit(op).result(), repeats, sync)
+    (directory / "calibrate-latency.bin").unlink(missing_ok=True)
+    return out
+
+
 def measure(quick: bool, offload_dir: str | Path, dtype: torch.dtype) -> dict[str, float]:
     """Every speed of a profile (bytes/s, FLOP/s), measured here."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -127,6 +152,23 @@ def measure(quick: bool, offload_dir: str | Path, dtype: torch.dtype) -> dict[st
             **_flop_rates(device, dtype, h, repeats, sync),
             "cpu_flops": _cpu_attention_rate(h, repeats),
             "dequant_rate": _dequant_rate(device, dtype, h, repeats, sync)}
+
+
+def model_table(spec, dtype: torch.dtype, device: torch.device, quick: bool
+                ) -> tuple[str, OpTable]:
+    """(shape key, operator table) of one model, measured here (hardware/op_table.py)."""
+    return (shape_key(spec, dtype.itemsize),
+            measure_table(spec, dtype, device, quick, progress=lambda m: print("   ", m)))
+
+
+def kept_tables(name: str, directory: Path | None = None) -> dict:
+    """The operator tables of an existing profile of that name: calibrating again (another
+    model, say) adds to them instead of losing them."""
+    path = (directory or user_config_dir()) / "hardware" / f"{name}.yaml"
+    if not path.exists():
+        return {}
+    data = OmegaConf.to_container(OmegaConf.load(path))
+    return dict(data.get("op_tables") or {})
 
 
 def default_capacities(offload_dir: str | Path) -> dict[str, int]:
@@ -143,7 +185,8 @@ def write_profile(name: str, speeds: dict[str, float], capacities: dict[str, int
                   source: str, directory: Path | None = None,
                   settings: dict | None = None) -> Path:
     """hardware/<name>.yaml under the user config directory (or `directory`); settings are
-    the profile's non-speed fields (cpu_correction, safety_factor, step_overhead_s)."""
+    the profile's non-speed fields (cpu_correction, safety_factor, step_overhead_s,
+    io_latency_s, op_tables), written as JSON (which YAML reads)."""
     target = (directory or user_config_dir()) / "hardware" / f"{name}.yaml"
     target.parent.mkdir(parents=True, exist_ok=True)
     settings = {"cpu_correction": [0.0, 0.0, 0.0], "safety_factor": 0.8, **(settings or {})}

@@ -13,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flexgen_lab.config import ConfigError, HardwareConfig
-from flexgen_lab.engine.transfer import IO_THREADS
+from flexgen_lab.engine.transfer import IO_THREADS, LINKS
+from flexgen_lab.hardware.op_table import OpTable, shape_key
 from flexgen_lab.validation import parse_budgets
 
 SPEED_FIELDS = ("bw_cpu_to_gpu", "bw_gpu_to_cpu_cache", "bw_gpu_to_cpu_hidden", "bw_disk_to_cpu",
@@ -70,6 +71,8 @@ class HardwareProfile:
     safety_factor: float
     step_overhead_s: float = 0.0  # seconds per compute step; 0 = none (the original had none)
     io_workers: int | None = None  # loads and stores in flight at once; None: IO_THREADS
+    io_latency_s: dict[str, float] = field(default_factory=dict)  # link -> seconds per copy
+    op_tables: dict[str, OpTable] = field(default_factory=dict)  # shape_key -> measured times
 
     @staticmethod
     def from_config(cfg: HardwareConfig, offload_dir: str = "results/offload"
@@ -86,7 +89,17 @@ class HardwareProfile:
             **{f"{tier}_mem": nbytes for tier, nbytes in parse_budgets(cfg, offload_dir).items()},
             cpu_correction=tuple(float(c) for c in cfg.cpu_correction),
             safety_factor=float(cfg.safety_factor),
-            step_overhead_s=float(cfg.step_overhead_s), io_workers=cfg.io_workers, **speeds)
+            step_overhead_s=float(cfg.step_overhead_s), io_workers=cfg.io_workers,
+            io_latency_s=_latencies(cfg.io_latency_s), op_tables=_op_tables(cfg.op_tables),
+            **speeds)
+
+    def op_table(self, spec, dtype_bytes: int) -> OpTable | None:
+        """The measured operator times of this model's shapes, if calibrate measured them."""
+        return self.op_tables.get(shape_key(spec, dtype_bytes))
+
+    def latency(self, link: str) -> float:
+        """Seconds each copy on `link` costs beyond its bytes over the bandwidth."""
+        return self.io_latency_s.get(link, 0.0)
 
     def workers(self) -> int:
         """The engine's I/O workers on this machine (the cost model, LP and simulator share
@@ -113,3 +126,26 @@ class HardwareProfile:
 
     def replace(self, **changes) -> HardwareProfile:
         return dataclasses.replace(self, **changes)
+
+
+def _latencies(value) -> dict[str, float]:
+    """hardware.io_latency_s: {link: seconds}, links from engine/transfer.LINKS."""
+    out = {}
+    for link, seconds in dict(value or {}).items():
+        if link not in LINKS or not isinstance(seconds, int | float) or not 0 <= seconds < 1:
+            raise ConfigError(f"hardware.io_latency_s.{link}={seconds!r}: expected seconds in "
+                              f"[0, 1) per link; links: {', '.join(LINKS)}")
+        out[link] = float(seconds)
+    return out
+
+
+def _op_tables(value) -> dict[str, OpTable]:
+    """hardware.op_tables: {shape key: {op: [[size, seconds], ...]}} as calibrate writes."""
+    out = {}
+    for key, table in dict(value or {}).items():
+        try:
+            out[key] = OpTable.from_json(dict(table))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"hardware.op_tables.{key}: {err}; write it with "
+                              "`calibrate model=NAME`") from None
+    return out

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from flexgen_lab.engine.placement import split_units
 from flexgen_lab.engine.policy import Policy
 from flexgen_lab.engine.transfer import LINKS
+from flexgen_lab.hardware.op_table import OpTable
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.traffic import WINDOWS, window_bytes
@@ -91,19 +92,57 @@ def step_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, part
     """One compute step: part (embed, layer, head) for `rows` sequences of `tokens` queries
     each over `keys` keys, `cpu_rows` of them with delegated attention. Terms in seconds:
 
-    matmul    = 2 tokens rows params / mm_flops; in decode at least matrix bytes / gpu_mem_bw
-    attention = (rows - cpu_rows) 4 tokens keys q_dim / bmm_flops (half of it in prefill:
-                causal)
+    matmul    = the operator table's time for the part at rows x tokens (table_terms), or
+                2 tokens rows params / mm_flops; in decode at least matrix bytes / gpu_mem_bw
+    attention = the table's, or (rows - cpu_rows) 4 tokens keys q_dim / bmm_flops (half of
+                it in prefill: causal)
     cpu_attention = cpu_rows 4 keys q_dim / (cpu_flops x correction(gbs, hidden))
     dequant   = [matrix bytes (compressed weights, unless dequant_weights is false: the
                 engine dequantises a part once per (token, layer), so in zig-zag only a
                 block's first GPU batch pays it) + 2 rows (keys - 1) kv_dim dtype_bytes
                 (compressed cache, decode)] / dequant_rate
     overhead  = step_overhead_s (launches and bookkeeping per step)
-    Every term is linear in keys and cpu_rows, so a sum of steps is one call at the mean.
+    Every term is (piecewise) linear in keys and cpu_rows, so a sum of steps is about one
+    call at the mean.
     """
     out = {"matmul": 0.0, "attention": 0.0, "cpu_attention": 0.0, "dequant": 0.0,
            "overhead": profile.step_overhead_s or 0.0}
+    table = profile.op_table(spec, dtype_bytes)
+    if table is not None:
+        out.update(table_terms(table, part, rows, tokens, keys, cpu_rows, phase))
+    else:
+        out.update(flop_terms(spec, profile, part, rows, tokens, keys, cpu_rows, phase,
+                              dtype_bytes))
+    if cpu_rows and part == "layer":
+        cpu = profile.cpu_flops_for(policy.gpu_batch_size, spec.hidden)
+        out["cpu_attention"] = cpu_rows * attention_flops(spec, 1, keys) / cpu
+    if profile.dequant_rate:
+        unpacked = (matrix_bytes(spec, part, dtype_bytes)
+                    if policy.compress_weight and dequant_weights else 0)
+        if policy.compress_cache and part == "layer" and phase == "decode":
+            unpacked += 2 * rows * (keys - 1) * spec.kv_dim * dtype_bytes
+        out["dequant"] = unpacked / profile.dequant_rate
+    return out
+
+
+def table_terms(table: OpTable, part: str, rows: int, tokens: int, keys: float,
+                cpu_rows: float, phase: str) -> dict[str, float]:
+    """matmul and attention seconds looked up in the profile's operator table (measured at
+    this model's shapes; hardware/op_table.py): the part's dense operators on rows x tokens
+    token rows (the head on the last position only), attention on its batch x keys (decode)
+    or batch x prompt x prompt (prefill) over the sequences not delegated."""
+    if part != "layer":
+        return {"matmul": table.seconds(part, rows if part == "head" else rows * tokens)}
+    attention = (table.seconds("attention_prefill", rows * tokens * keys) if phase == "prefill"
+                 else table.seconds("attention_decode", (rows - cpu_rows) * keys))
+    return {"matmul": table.seconds("dense", rows * tokens), "attention": attention}
+
+
+def flop_terms(spec: ModelSpec, profile: HardwareProfile, part: str, rows: int, tokens: int,
+               keys: float, cpu_rows: float, phase: str, dtype_bytes: int) -> dict[str, float]:
+    """matmul and attention seconds from the profile's FLOP rates (profiles without an
+    operator table for this model, such as the paper's T4)."""
+    out = {"matmul": 0.0, "attention": 0.0}
     mm = profile.mm_flops_prefill if phase == "prefill" else profile.mm_flops_decode
     if part == "head":
         out["matmul"] = 2.0 * rows * spec.hidden * spec.vocab / mm  # the last position only
@@ -112,18 +151,9 @@ def step_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, part
         bmm = profile.bmm_flops_prefill if phase == "prefill" else profile.bmm_flops_decode
         causal = 0.5 if phase == "prefill" else 1.0
         out["attention"] = (rows - cpu_rows) * attention_flops(spec, tokens, keys) * causal / bmm
-        if cpu_rows:
-            cpu = profile.cpu_flops_for(policy.gpu_batch_size, spec.hidden)
-            out["cpu_attention"] = cpu_rows * attention_flops(spec, 1, keys) / cpu
     if phase == "decode" and profile.gpu_mem_bw and part != "embed":
         out["matmul"] = max(out["matmul"], matrix_bytes(spec, part, dtype_bytes)
                             / profile.gpu_mem_bw)
-    if profile.dequant_rate:
-        unpacked = (matrix_bytes(spec, part, dtype_bytes)
-                    if policy.compress_weight and dequant_weights else 0)
-        if policy.compress_cache and part == "layer" and phase == "decode":
-            unpacked += 2 * rows * (keys - 1) * spec.kv_dim * dtype_bytes
-        out["dequant"] = unpacked / profile.dequant_rate
     return out
 
 
@@ -173,7 +203,9 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
     """Prefill and decode seconds of num_prompts prompts (one block by default).
 
     With overlap a phase takes, window by window (traffic.window_bytes: the next part's
-    weights load while a part computes), the longest of the window's link times, its compute,
+    weights load while a part computes; a link's time is its bytes over its bandwidth plus
+    its copies times the profile's per-copy latency), the longest of the window's link times,
+    its compute,
     its transfers shared among the engine's I/O workers (profile.workers(); each load or
     store holds one worker across all its links), and each batch's chain of compute ->
     activations home -> back, which only the other GPU batches' compute can hide
@@ -189,13 +221,15 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
     hidden = window_bytes(*args, kinds=("activations",))
     compute = window_compute_seconds(spec, policy, profile, prompt_len, gen_len, num_prompts,
                                      dtype_bytes, schedule)
+    latency = copy_latency_seconds(spec, policy, schedule, profile, prompt_len, gen_len,
+                                   dtype_bytes, blocks)
     times, terms = {}, {}
     for phase in ("prefill", "decode"):
         times[phase], terms[phase] = 0.0, dict.fromkeys((*LINKS, *TERMS), 0.0)
         for window in WINDOWS:
             own = link_seconds(hidden[phase][window], profile, phase)
-            io = {link: seconds + own[link] for link, seconds in
-                  link_seconds(others[phase][window], profile, phase).items()}
+            io = {link: seconds + own[link] + latency[phase][window][link] for link, seconds
+                  in link_seconds(others[phase][window], profile, phase).items()}
             work = sum(compute[phase][window].values())
             for term, seconds in (*io.items(), *compute[phase][window].items()):
                 terms[phase][term] += seconds
@@ -204,6 +238,20 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
                                  (work + round_trip) / interleaved(policy, schedule), work)
                              if policy.overlap else sum(io.values()) + work)
     return Prediction(times["prefill"], times["decode"], num_prompts, gen_len, terms)
+
+
+def copy_latency_seconds(spec: ModelSpec, policy: Policy, schedule: str,
+                         profile: HardwareProfile, prompt_len: int, gen_len: int,
+                         dtype_bytes: int, blocks: int) -> dict[str, dict[str, dict]]:
+    """Seconds the copies of each window cost beyond bytes / bandwidth: copies per link
+    (traffic.window_bytes with requests=True) x the profile's per-copy latency."""
+    if not profile.io_latency_s:
+        return {phase: {w: dict.fromkeys(LINKS, 0.0) for w in WINDOWS}
+                for phase in ("prefill", "decode")}
+    copies = window_bytes(spec, policy, schedule, prompt_len, gen_len, dtype_bytes, blocks,
+                          requests=True)
+    return {phase: {w: {link: n * profile.latency(link) for link, n in links.items()}
+                    for w, links in windows.items()} for phase, windows in copies.items()}
 
 
 def interleaved(policy: Policy, schedule: str) -> int:

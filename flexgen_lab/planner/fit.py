@@ -5,7 +5,8 @@
 Micro-benchmarks (calibrate) measure each speed alone, at shapes that are not the model's and
 without the engine's own bookkeeping; the runs in the store say what the engine really
 achieved. The fit scales each speed group by a factor and sets the per-step overhead so that
-the cost model's prefill and decode times match the measured ones (residuals: log predicted /
+the cost model's prefill and decode times match the measured ones (operator tables, where
+the profile has them, are scaled per group of operators like a speed) (residuals: log predicted /
 measured, one per phase and run), with a weak pull towards the measured speeds so that a
 speed the runs hardly exercise keeps its micro-benchmark value. A share of the runs is held
 out and the fitted profile is reported on them, never fitted on them.
@@ -41,6 +42,10 @@ SPEED_GROUPS = {
     "bw_cpu_to_disk": ("bw_cpu_to_disk_cache_prefill", "bw_cpu_to_disk_hidden_prefill",
                        "bw_cpu_to_disk_decode"),
 }
+# fitted factor -> the operator-table ops it speeds up (profiles with tables, from calibrate)
+TABLE_GROUPS = {"op_dense": ("dense", "embed"),
+                "op_attention": ("attention_decode", "attention_prefill"),
+                "op_head": ("head",)}
 OVERHEAD_RANGE = (1e-7, 0.1)  # seconds per compute step
 STARTING_OVERHEADS = (1e-6, 1e-4, 1e-3)
 PRIOR_WEIGHT = 0.03  # pull of log(factor) towards 0 (the micro-benchmark), per factor
@@ -96,13 +101,18 @@ def errors(profile: HardwareProfile, observations: list[Observation]) -> list[fl
 
 
 def _apply(base: HardwareProfile, names: list[str], x: np.ndarray) -> HardwareProfile:
-    changes = {}
+    changes, table_factors = {}, {}
     for name, value in zip(names, x, strict=True):
         if name == "step_overhead_s":
             changes[name] = math.exp(value)
-            continue
-        for key in SPEED_GROUPS[name]:
-            changes[key] = getattr(base, key) * math.exp(value)
+        elif name in TABLE_GROUPS:
+            table_factors |= dict.fromkeys(TABLE_GROUPS[name], math.exp(value))
+        else:
+            for key in SPEED_GROUPS[name]:
+                changes[key] = getattr(base, key) * math.exp(value)
+    if table_factors:
+        changes["op_tables"] = {key: table.scaled(table_factors)
+                                for key, table in base.op_tables.items()}
     return base.replace(**changes)
 
 
@@ -125,6 +135,7 @@ def _residuals(base, names, x, observations) -> np.ndarray:
 def _exercised(base: HardwareProfile, observations: list[Observation]) -> list[str]:
     """Speed groups the runs depend on: doubling the speed moves some phase time."""
     names = [n for n, keys in SPEED_GROUPS.items() if getattr(base, keys[0])]
+    names += list(TABLE_GROUPS) if base.op_tables else []
     before = _phase_residuals(base, observations)
     kept = []
     for name in names:

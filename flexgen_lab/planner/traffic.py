@@ -82,38 +82,47 @@ def link_bytes(spec: ModelSpec, policy: Policy, schedule: str, prompt_len: int, 
 def window_bytes(spec: ModelSpec, policy: Policy, schedule: str, prompt_len: int,
                  gen_len: int, dtype_bytes: int, num_blocks: int = 1,
                  kinds: tuple[str, ...] = ("weights", "cache", "activations"),
-                 ) -> dict[str, dict[str, dict[str, int]]]:
+                 requests: bool = False) -> dict[str, dict[str, dict[str, int]]]:
     """Bytes per link, phase and window: the compute steps a transfer runs beside.
 
     Windows: "embed", "layer" (decoder layers 1 .. L-1), "last" (layer L), "head". The
     engine prefetches the next part's weights while a part computes, so a part's weights
     belong to the window before it (the embedding's to the head's: the next token's); cache
     and activation traffic belongs to the step that reads or writes it. `kinds` selects
-    whose traffic is counted.
+    whose traffic is counted. With `requests`, copies instead of bytes: each op (or a
+    segment of one, as the engine copies them) counts once on every link it moves bytes on,
+    which is what a per-copy latency multiplies.
     """
     dtype = FLOAT_OF_SIZE[dtype_bytes]
+    unit = _copies if requests else Counter
     moved = {phase: {w: Counter() for w in WINDOWS} for phase in ("prefill", "decode")}
     if "weights" in kinds:
-        _weights(moved, spec, policy, schedule, gen_len, dtype)
+        _weights(moved, spec, policy, schedule, gen_len, dtype, unit)
     for k in range(policy.num_gpu_batches):
         if "cache" in kinds:
-            _cache(moved, spec, policy, k, prompt_len, gen_len, dtype)
+            _cache(moved, spec, policy, k, prompt_len, gen_len, dtype, unit)
         if "activations" in kinds:
-            _activations(moved, spec, policy, k, prompt_len, gen_len, dtype)
+            _activations(moved, spec, policy, k, prompt_len, gen_len, dtype, unit)
     return {phase: {w: {link: counts[link] * num_blocks for link in LINKS}
                     for w, counts in by_window.items()} for phase, by_window in moved.items()}
 
 
-def _weights(moved, spec, policy, schedule, gen_len, dtype) -> None:
+def _copies(moved: Counter) -> Counter:
+    """One copy on every link that moves bytes."""
+    return Counter({link: 1 for link, nbytes in moved.items() if nbytes})
+
+
+def _weights(moved, spec, policy, schedule, gen_len, dtype, unit=Counter) -> None:
     loads = 1 if schedule == "zigzag" else policy.num_gpu_batches
     parts = weight_tier_bytes(spec, policy, dtype)
     before = ["head", "embed", *["layer"] * (spec.num_layers - 1), "last"]  # window per part
     for tiers, window in zip(parts, before, strict=True):
         if set(tiers) <= {"gpu"}:
             continue  # resident part: nothing moves
+        load = unit(Counter({"cpu_to_gpu": tiers["cpu"] + tiers["disk"],
+                             "disk_to_cpu": tiers["disk"]}))
         for phase, tokens in (("prefill", 1), ("decode", gen_len - 1)):
-            moved[phase][window]["cpu_to_gpu"] += tokens * loads * (tiers["cpu"] + tiers["disk"])
-            moved[phase][window]["disk_to_cpu"] += tokens * loads * tiers["disk"]
+            _add(moved[phase][window], load, tokens * loads)
 
 
 def _per_layer(moved_phase: dict, part: Counter, spec: ModelSpec) -> None:
@@ -122,17 +131,30 @@ def _per_layer(moved_phase: dict, part: Counter, spec: ModelSpec) -> None:
     _add(moved_phase["last"], part)
 
 
-def _cache(moved, spec, policy, k, prompt_len, gen_len, dtype) -> None:
-    for tier, row in cache_rows(spec, policy, k, dtype).items():
-        if gen_len > 1:
-            _per_layer(moved["prefill"], cache_store(tier, row, prompt_len, False), spec)
-        for token in range(1, gen_len):
-            past = prompt_len + token - 1
-            _per_layer(moved["decode"], cache_load(policy, tier, row, past), spec)
-            _per_layer(moved["decode"], cache_attend(spec, policy, row, past, dtype), spec)
-            if token < gen_len - 1 and cache_needs_store(policy, tier):
-                _per_layer(moved["decode"],
-                           cache_store(tier, row, 1, policy.cpu_delegation), spec)
+def _cache(moved, spec, policy, k, prompt_len, gen_len, dtype, unit=Counter) -> None:
+    """Batch k's cache traffic, op by op (an op moves every off-gpu segment of the batch)."""
+    rows = cache_rows(spec, policy, k, dtype)
+    if not rows:
+        return
+    if gen_len > 1:
+        _per_layer(moved["prefill"], unit(_total(cache_store(tier, row, prompt_len, False)
+                                                 for tier, row in rows.items())), spec)
+    for token in range(1, gen_len):
+        past = prompt_len + token - 1
+        for moved_by_op in (
+                _total(cache_load(policy, tier, row, past) for tier, row in rows.items()),
+                _total(cache_attend(spec, policy, row, past, dtype) for row in rows.values()),
+                _total(cache_store(tier, row, 1, policy.cpu_delegation)
+                       for tier, row in rows.items()
+                       if token < gen_len - 1 and cache_needs_store(policy, tier))):
+            _per_layer(moved["decode"], unit(moved_by_op), spec)
+
+
+def _total(counters) -> Counter:
+    total = Counter()
+    for counter in counters:
+        _add(total, counter)
+    return total
 
 
 def _add(total: Counter, part: Counter, times: int = 1) -> None:
@@ -221,15 +243,21 @@ def hidden_move(tier: str, nbytes: int, store: bool) -> Counter:
     return moved
 
 
-def _activations(moved, spec, policy, k, prompt_len, gen_len, dtype) -> None:
-    for tier, per_token in activation_rows(spec, policy, k, dtype).items():
-        for token in range(gen_len):
-            windows = moved["prefill" if token == 0 else "decode"]
-            nbytes = (prompt_len if token == 0 else 1) * per_token
-            store, load = hidden_move(tier, nbytes, True), hidden_move(tier, nbytes, False)
-            _add(windows["embed"], store)  # the embedding's output goes home
-            _per_layer(windows, store + load, spec)  # each layer loads and stores
-            _add(windows["head"], load)  # the head loads the last layer's output
+def _activations(moved, spec, policy, k, prompt_len, gen_len, dtype, unit=Counter) -> None:
+    """Batch k's activation traffic, op by op (an op moves every off-gpu segment)."""
+    homes = activation_rows(spec, policy, k, dtype)
+    if not homes:
+        return
+    for token in range(gen_len):
+        windows = moved["prefill" if token == 0 else "decode"]
+        tokens = prompt_len if token == 0 else 1
+        store = unit(_total(hidden_move(tier, tokens * per_token, True)
+                            for tier, per_token in homes.items()))
+        load = unit(_total(hidden_move(tier, tokens * per_token, False)
+                           for tier, per_token in homes.items()))
+        _add(windows["embed"], store)  # the embedding's output goes home
+        _per_layer(windows, store + load, spec)  # each layer loads and stores
+        _add(windows["head"], load)  # the head loads the last layer's output
 
 
 class OpTraffic:

@@ -184,8 +184,8 @@ class OpCosts:
         phase = phase_of(op.token)
         if op.kind != "compute":
             order = STORE_ORDER if op.kind.startswith("store") else LOAD_ORDER
-            links = tuple((link, moved[link] / link_rate(self.profile, link, phase))
-                          for link in order if moved[link])
+            links = tuple((link, moved[link] / link_rate(self.profile, link, phase)
+                           + self.profile.latency(link)) for link in order if moved[link])
             return Cost(links=links, moved=dict(moved))
         tokens = self.prompt_len if op.token == 0 else 1
         keys = self.prompt_len + op.token
@@ -196,7 +196,8 @@ class OpCosts:
                              self.policy.gpu_batch_size, tokens, keys, cpu_rows, phase,
                              self.dtype_bytes, dequant_weights=not self.zigzag or op.batch == 0)
         # delegated q/rows/output and sparse gathers: timed at link speed, inside the step
-        transfers = sum(n / link_rate(self.profile, link, phase) for link, n in moved.items())
+        transfers = sum(n / link_rate(self.profile, link, phase) + self.profile.latency(link)
+                        for link, n in moved.items() if n)
         return Cost(compute_s=sum(terms.values()) + transfers, moved=dict(moved))
 
 

@@ -8,18 +8,26 @@ import sys
 
 import yaml
 
+from flexgen_lab.engine.transfer import LINKS
+from flexgen_lab.hardware.op_table import shape_key
 from flexgen_lab.hardware.profile import OPTIONAL_SPEEDS, SPEED_FIELDS
+from flexgen_lab.models.spec import ModelSpec
 
 
 def test_quick_calibration_writes_a_profile_hydra_finds(tmp_path):
     env = {**os.environ, "FLEXGEN_LAB_CONFIG_DIR": str(tmp_path / "cfg")}
-    out = subprocess.run([sys.executable, "-m", "flexgen_lab", "calibrate", "name=here",
-                          "quick=true", f"offload_dir={tmp_path / 'off'}"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    for model in ("llama-tiny", "opt-tiny"):  # the second keeps the first's table
+        out = subprocess.run([sys.executable, "-m", "flexgen_lab", "calibrate", "name=here",
+                              "quick=true", f"offload_dir={tmp_path / 'off'}", f"model={model}"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
     profile = yaml.safe_load((tmp_path / "cfg" / "hardware" / "here.yaml").read_text())
     for key in (*SPEED_FIELDS, *OPTIONAL_SPEEDS):
         assert float(profile[key]) > 0, key
+    assert set(profile["io_latency_s"]) == set(LINKS)
+    assert all(0 < s < 0.1 for s in profile["io_latency_s"].values())
+    keys = {shape_key(ModelSpec.from_name(m), 4) for m in ("llama-tiny", "opt-tiny")}
+    assert set(profile["op_tables"]) == keys
     assert "calibrate on" in profile["source"] and not list((tmp_path / "off").iterdir())
     cfg = subprocess.run([sys.executable, "-m", "flexgen_lab", "run", "hardware=here",
                           "--cfg", "job"], cwd=tmp_path, env=env, capture_output=True,
@@ -42,6 +50,7 @@ def test_quick_calibration_writes_a_profile_hydra_finds(tmp_path):
     fitted = yaml.safe_load((tmp_path / "cfg" / "hardware" / "here-fitted.yaml").read_text())
     assert fitted["step_overhead_s"] > 0 and "fit of hardware=here on 4 runs" in fitted["source"]
     assert fitted["gpu_mem"] == profile["gpu_mem"]
+    assert set(fitted["op_tables"]) == keys and fitted["io_latency_s"] == profile["io_latency_s"]
 
 
 def test_fit_needs_stored_runs(tmp_path):

@@ -1,0 +1,196 @@
+"""Operator time tables: seconds of each compute operator at a model's own shapes.
+
+One FLOP rate per phase cannot describe a CPU whose BLAS is not monotone in batch size (this
+machine's head matmul takes longer at 8 rows than at 16) nor the fixed cost of a small
+kernel. Simulators that predict within a few percent (Vidur) profile each operator at the
+shapes the model really runs and interpolate; so does this module. `calibrate model=NAME`
+times the model's own operator functions (models/<family>.py, models/ops.py, the engine's
+decode attention) with random weights over a grid of sizes fixed here, before any validation:
+
+    dense             a decoder layer minus its attention core (norms, projections, MLP) on
+                      `rows` = batch x tokens token rows
+    attention_decode  one decode step's attention: size = batch x keys
+    attention_prefill the prompt's causal attention: size = batch x prompt x prompt
+    head              final norm and output projection of `rows` rows (the last position)
+    embed             token (and position) embedding of `rows` rows
+
+Each op's grid is powers of two, cut where one call passes MAX_CALL_S (the rest is
+extrapolated at the last point's rate). A profile stores tables keyed by shape (`shape_key`),
+so one profile holds several models; the cost model and the simulator look times up
+(`OpTable.seconds`), interpolating linearly between grid points, and fall back to the
+profile's FLOP rates for a model without a table (as for the paper's T4).
+
+    >>> table = measure_table(spec, torch.float32, torch.device("cpu"), quick=True)
+    >>> table.seconds("dense", 48)     # seconds for 48 token rows
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from flexgen_lab.engine.attention import decode_attention
+from flexgen_lab.models import families, ops
+from flexgen_lab.models.spec import ModelSpec
+
+OPS = ("dense", "attention_decode", "attention_prefill", "head", "embed")
+MIN_SAMPLE_S = 0.05  # short calls are repeated until they add up to this
+MAX_CALL_S = 0.5  # a grid stops growing past a call this long: beyond it time is linear
+GRID_EXPONENTS = {  # log2 of the sizes measured per op (full grid; quick takes every other)
+    "dense": range(0, 13),  # 1 .. 4096 token rows
+    "attention_decode": range(5, 18),  # batch x keys: 32 .. 128k
+    "attention_prefill": range(8, 23),  # batch x s x s: 16^2 .. 2048^2
+    "head": range(0, 10),  # 1 .. 512 rows
+    "embed": range(0, 13),
+}
+
+
+def shape_key(spec: ModelSpec, dtype_bytes: int) -> str:
+    """What an operator's time depends on: the family, the matrix shapes and the element
+    size (bf16 and fp16 share a key: calibrate with the dtype you run)."""
+    return (f"{spec.family}-h{spec.hidden}-f{spec.ffn}-nh{spec.num_heads}-kv{spec.num_kv_heads}"
+            f"-v{spec.vocab}-{dtype_bytes}B")
+
+
+@dataclass(frozen=True)
+class OpTable:
+    """op -> ((size, seconds), ...) sorted by size."""
+
+    points: dict[str, tuple[tuple[float, float], ...]]
+
+    def seconds(self, op: str, size: float) -> float:
+        """Seconds of one call at `size`: linear between grid points, the smallest point's
+        time below the grid (a call's fixed cost), the last point's rate above it."""
+        if size <= 0:
+            return 0.0
+        pts = self.points[op]
+        sizes = [s for s, _ in pts]
+        i = bisect.bisect_left(sizes, size)
+        if i == 0:
+            return pts[0][1]
+        if i == len(pts):
+            return pts[-1][1] * size / pts[-1][0]
+        (s0, t0), (s1, t1) = pts[i - 1], pts[i]
+        return t0 + (t1 - t0) * (size - s0) / (s1 - s0)
+
+    def scaled(self, factors: dict[str, float]) -> OpTable:
+        """Every time of op divided by factors[op] (a speed factor, as the fit applies)."""
+        return OpTable({op: tuple((s, t / factors.get(op, 1.0)) for s, t in pts)
+                        for op, pts in self.points.items()})
+
+    def to_json(self) -> dict[str, list[list[float]]]:
+        return {op: [[s, t] for s, t in pts] for op, pts in self.points.items()}
+
+    @staticmethod
+    def from_json(data: dict) -> OpTable:
+        missing = [op for op in OPS if op not in data]
+        if missing:
+            raise ValueError(f"operator table without {', '.join(missing)}; expected {OPS}")
+        return OpTable({op: tuple(sorted((float(s), float(t)) for s, t in data[op]))
+                        for op in OPS})
+
+
+def _fastest_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    """The fastest of at least `repeats` calls after a warm-up (more for short calls, up to
+    MIN_SAMPLE_S of calls): another process can only add time to a call, never take it away."""
+    fn()
+    sync()
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < MIN_SAMPLE_S and len(times) < 50):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _weights(spec: ModelSpec, part: str, dtype, device) -> dict[str, torch.Tensor]:
+    shapes = {"layer": spec.layer_param_shapes, "embed": spec.embedding_param_shapes,
+              "head": spec.head_param_shapes}[part]()
+    if part == "head" and spec.tie_embeddings:
+        shapes = {**shapes, "embed_tokens.weight": (spec.vocab, spec.hidden)}
+    gen = torch.Generator().manual_seed(0)
+    return {name: (torch.randn(shape, generator=gen) * shape[-1] ** -0.5).to(device, dtype)
+            for name, shape in shapes.items()}
+
+
+class _Operators:
+    """The model's operator functions, as the engine's compute step calls them."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+        self.spec, self.dtype, self.device = spec, dtype, device
+        self.family = families.get(spec.family)
+        self.layer = _weights(spec, "layer", dtype, device)
+        self.head_w = _weights(spec, "head", dtype, device)
+        self.embed_w = _weights(spec, "embed", dtype, device)
+        self.scale = families.score_scale(spec)
+
+    def _hidden(self, rows: int) -> torch.Tensor:
+        return torch.randn(1, rows, self.spec.hidden, dtype=self.dtype, device=self.device)
+
+    def dense(self, size: int) -> Callable[[], object]:
+        x, positions = self._hidden(size), torch.arange(size, device=self.device)[None]
+        attn = torch.randn(1, size, self.spec.q_dim, dtype=self.dtype, device=self.device)
+
+        def run():
+            self.family.attention_inputs(self.spec, self.layer, x, positions)
+            y = self.family.attention_output(self.spec, self.layer, attn, x)
+            return self.family.mlp(self.spec, self.layer, y)
+        return run
+
+    def _attention(self, batch: int, queries: int, keys: int) -> Callable[[], object]:
+        s, d = self.spec, self.spec.head_dim
+        q = torch.randn(batch, s.num_heads, queries, d, dtype=self.dtype, device=self.device)
+        k = torch.randn(batch, s.num_kv_heads, keys, d, dtype=self.dtype, device=self.device)
+        v = torch.randn_like(k)
+        key_mask = torch.ones(batch, keys, dtype=torch.bool, device=self.device)
+        mask = ops.attention_mask(key_mask, keys - queries, queries)
+        return lambda: ops.attention(q, k, v, mask, self.scale)
+
+    def attention_decode(self, size: int) -> Callable[[], object]:
+        """The engine's decode attention (engine/attention.py: a token-major cache)."""
+        keys = min(size, 1024)  # sizes above it grow the batch: batch x keys is what counts
+        batch, s, d = max(1, size // keys), self.spec, self.spec.head_dim
+        q = torch.randn(batch, s.num_heads, 1, d, dtype=self.dtype, device=self.device)
+        k = torch.randn(keys, batch, s.num_kv_heads, d, dtype=self.dtype, device=self.device)
+        v = torch.randn_like(k)
+        key_mask = torch.ones(batch, keys, dtype=torch.bool, device=self.device)
+        return lambda: decode_attention(q, k, v, key_mask, self.scale)
+
+    def attention_prefill(self, size: int) -> Callable[[], object]:
+        prompt = max(1, round(size ** 0.5))
+        return self._attention(1, prompt, prompt)
+
+    def head(self, size: int) -> Callable[[], object]:
+        x = self._hidden(size)
+        return lambda: self.family.head(self.spec, self.head_w, x)
+
+    def embed(self, size: int) -> Callable[[], object]:
+        ids = torch.randint(0, self.spec.vocab, (1, size), device=self.device)
+        positions = torch.arange(size, device=self.device)[None] % self.spec.max_positions
+        return lambda: self.family.embed(self.spec, self.embed_w, ids, positions)
+
+
+def measure_table(spec: ModelSpec, dtype: torch.dtype, device: torch.device, quick: bool,
+                  progress: Callable[[str], None] | None = None) -> OpTable:
+    """Time every operator over its grid (median of a few calls after a warm-up)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    operators, repeats = _Operators(spec, dtype, device), 2 if quick else 3
+    points = {}
+    with torch.inference_mode():
+        for op in OPS:
+            exponents = list(GRID_EXPONENTS[op])[:: 2 if quick else 1]
+            points[op] = []
+            for e in exponents:
+                size = 2**e
+                seconds = _fastest_seconds(getattr(operators, op)(size), repeats, sync)
+                points[op].append((float(size), seconds))
+                if seconds > MAX_CALL_S:
+                    break
+            if progress:
+                progress(f"{op}: {len(points[op])} sizes up to {int(points[op][-1][0])}")
+    return OpTable({op: tuple(pts) for op, pts in points.items()})

@@ -1,0 +1,114 @@
+"""Operator time tables (hardware/op_table.py) and per-copy latencies: measured at a model's own
+shapes, looked up with interpolation, and what the cost model and the simulator then use."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexgen_lab.engine import schedule as schedules
+from flexgen_lab.engine.policy import Placement, Policy
+from flexgen_lab.engine.transfer import LINKS, phase_of
+from flexgen_lab.hardware.op_table import OPS, OpTable, measure_table, shape_key
+from flexgen_lab.models.spec import ModelSpec
+from flexgen_lab.planner.cost_model import predict
+from flexgen_lab.planner.traffic import OpTraffic, window_bytes
+from flexgen_lab.sim.simulator import simulate
+from tests.planner.test_cost_model import profile
+from tests.strategies import policies
+
+
+def table(scale: float = 1.0) -> OpTable:
+    """A hand-made table: 1 ms fixed cost, then 1 us per unit of size."""
+    points = tuple((float(s), scale * (1e-3 + 1e-6 * s)) for s in (1, 16, 256, 4096))
+    return OpTable(dict.fromkeys(OPS, points))
+
+
+@given(st.lists(st.tuples(st.integers(1, 10**6), st.floats(1e-6, 1.0)), min_size=1,
+                max_size=8, unique_by=lambda p: p[0]), st.floats(0.0, 2e6))
+def test_lookup_is_exact_on_the_grid_linear_between_and_proportional_beyond(points, size):
+    points = sorted((float(s), t) for s, t in points)
+    t = OpTable(dict.fromkeys(OPS, tuple(points)))
+    for s, seconds in points:
+        assert t.seconds("dense", s) == pytest.approx(seconds)
+    got = t.seconds("dense", size)
+    if size <= 0:
+        assert got == 0
+    elif size <= points[0][0]:
+        assert got == points[0][1]  # a call's fixed cost: never less than the smallest one
+    elif size > points[-1][0]:
+        assert got == pytest.approx(points[-1][1] * size / points[-1][0])
+    else:
+        below = max(p for p in points if p[0] <= size)
+        above = min(p for p in points if p[0] >= size)
+        assert min(below[1], above[1]) - 1e-12 <= got <= max(below[1], above[1]) + 1e-12
+
+
+def test_a_measured_table_covers_every_operator_at_the_models_shapes():
+    spec = ModelSpec.from_name("llama-tiny")
+    measured = measure_table(spec, torch.float32, torch.device("cpu"), quick=True)
+    assert set(measured.points) == set(OPS)
+    for op, points in measured.points.items():
+        sizes = [s for s, _ in points]
+        assert sizes == sorted(sizes) and all(s & (s - 1) == 0 for s in map(int, sizes)), op
+        assert all(t > 0 for _, t in points), op
+    assert OpTable.from_json(measured.to_json()) == measured
+    assert shape_key(spec, 4) != shape_key(spec, 2) != shape_key(ModelSpec.from_name(
+        "opt-tiny"), 2)
+
+
+def test_the_cost_model_reads_the_table_of_the_models_shapes():
+    spec, hw = ModelSpec.from_name("opt-125m"), profile("t4-paper")
+    resident = Policy(gpu_batch_size=8)
+    with_table = hw.replace(op_tables={shape_key(spec, 2): table()})
+    slower = hw.replace(op_tables={shape_key(spec, 2): table(2.0)})
+    flops = predict(spec, resident, "zigzag", hw, 64, 8)
+    once = predict(spec, resident, "zigzag", with_table, 64, 8)
+    twice = predict(spec, resident, "zigzag", slower, 64, 8)
+    assert once.decode_s != pytest.approx(flops.decode_s, rel=0.01)  # the table, not FLOP/s
+    # resident, no overhead and no dequantisation: every compute second comes from the table
+    assert twice.decode_s == pytest.approx(2 * once.decode_s)
+    # decode layer step: 8 sequences -> dense(8) + attention(8 x mean keys), per layer
+    layer = (1e-3 + 8e-6) + (1e-3 + 1e-6 * 8 * (64 + 8 / 2))
+    assert once.terms["decode"]["matmul"] + once.terms["decode"]["attention"] == pytest.approx(
+        7 * (spec.num_layers * layer + (1e-3 + 8e-6) + (1e-3 + 8e-6)), rel=0.02)
+    # another dtype's table is not this one's
+    assert predict(spec, resident, "zigzag", hw.replace(
+        op_tables={shape_key(spec, 4): table()}), 64, 8).decode_s == flops.decode_s
+
+
+@settings(max_examples=25, deadline=None)
+@given(policies(max_batch_size=4, max_batches=3), st.sampled_from(("zigzag", "row_by_row")))
+def test_copies_per_window_are_the_ops_that_move_bytes(policy, schedule):
+    spec, s, n = ModelSpec.from_name("opt-tiny"), 5, 4
+    copies = window_bytes(spec, policy, schedule, s, n, 4, requests=True)
+    traffic = OpTraffic(spec, policy, s, n, 4)
+    counted = {"prefill": Counter(), "decode": Counter()}
+    for op in schedules.ops(schedule, n, spec.num_layers + 2, policy.num_gpu_batches):
+        for link, nbytes in traffic(op).items():
+            counted[phase_of(op.token)][link] += 1 if nbytes else 0
+    for phase, windows in copies.items():
+        assert {link: sum(w[link] for w in windows.values()) for link in LINKS} == {
+            link: counted[phase][link] for link in LINKS}, phase
+
+
+@pytest.mark.parametrize("schedule", ["zigzag", "row_by_row"])
+def test_latency_and_tables_keep_the_simulator_equal_to_the_cost_models_sum(schedule):
+    spec = ModelSpec.from_name("opt-1.3b")
+    hw = profile("t4-paper").replace(op_tables={shape_key(spec, 2): table()},
+                                     io_latency_s={"cpu_to_gpu": 2e-5, "gpu_to_cpu": 3e-5,
+                                                   "disk_to_cpu": 1e-4, "cpu_to_disk": 2e-4})
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=3, weights=Placement(0.3, 0.4),
+                    cache=Placement(0.2, 0.5), activations=Placement(0.3, 0.3), overlap=False)
+    sim = simulate(spec, policy, schedule, hw, 64, 6, 2, 2 * policy.block_size)
+    pred = predict(spec, policy, schedule, hw, 64, 6, 2, 2 * policy.block_size)
+    assert sim.prefill_s + sim.decode_s == pytest.approx(pred.prefill_s + pred.decode_s,
+                                                          rel=1e-9)
+    no_latency = predict(spec, policy, schedule, dataclasses.replace(hw, io_latency_s={}),
+                         64, 6, 2, 2 * policy.block_size)
+    assert pred.decode_s > no_latency.decode_s
