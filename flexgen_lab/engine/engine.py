@@ -6,6 +6,13 @@ its own future (and, on CUDA, event); a compute waits only for what it reads. Wi
 policy.overlap off the same op stream runs inline, op after op. Everything on the gpu tier is
 the resident case: loads and stores then move nothing.
 
+Where the loop lives: the loop nest and the place of every load and store around each
+compute is `schedule.ops` (tests/engine/test_schedule.py pins its stream for 2 tokens x
+3 parts x 2 batches, annotated as Algorithm 1); `BlockRun.run` below walks that stream and
+hands each op to the method of its name (load_weight ... store_hidden); `BlockRun.compute`
+and `_cell` are one step's arithmetic (models/<family>.py) and `attention.CacheAttention`
+its cache reads and writes. The simulator (sim/simulator.py) replays the same stream.
+
     >>> with Engine(spec, DummyWeights(spec, 0), Policy(weights=Placement(0.2, 0.8))) as engine:
     ...     gen = engine.generate(input_ids, attention_mask, gen_len=32)
 """

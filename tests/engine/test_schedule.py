@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from flexgen_lab.engine import schedule
 from flexgen_lab.engine.schedule import Step, row_by_row, steps, zigzag
 
 
@@ -29,3 +30,56 @@ def test_zigzag_runs_all_batches_of_a_layer_together():
 def test_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="diagonal"):
         list(steps("diagonal", 1, 1, 1))
+
+
+# Algorithm 1 of the paper, as the engine runs it: 2 tokens x 3 parts (0 = embedding,
+# 1 = the decoder layer, 2 = the head) x 2 GPU batches, zig-zag. Read down: for each token
+# i and part j, every batch k computes while the next part's weights, the next step's cache
+# and hidden input load, and the step's new cache row and output store. Columns: op, i, j, k.
+ZIGZAG_2x3x2 = """
+load_weight 0 0 0   the embedding (a whole block uses one load)
+load_weight 0 1 0   prefetch: layer 1's weights, while the embedding computes
+compute 0 0 0
+store_hidden 0 0 0
+load_hidden 0 1 0   prefetch: batch 0's input to layer 1 (batch 1 computes in between)
+compute 0 0 1
+store_hidden 0 0 1
+load_weight 0 2 0   prefetch: the head
+load_hidden 0 1 1
+compute 0 1 0
+store_cache 0 1 0   the prompt's cache rows go home
+store_hidden 0 1 0
+load_hidden 0 2 0
+compute 0 1 1
+store_cache 0 1 1
+store_hidden 0 1 1
+load_weight 1 0 0   prefetch: the next token's embedding
+load_hidden 0 2 1
+compute 0 2 0       the head: logits, the next token (its output is not stored)
+compute 0 2 1
+load_weight 1 1 0
+compute 1 0 0
+store_hidden 1 0 0
+load_cache 1 1 0    decode: batch 0's past cache for layer 1
+load_hidden 1 1 0
+compute 1 0 1
+store_hidden 1 0 1
+load_weight 1 2 0
+load_cache 1 1 1
+load_hidden 1 1 1
+compute 1 1 0       (the last token's new cache row is never read: not stored)
+store_hidden 1 1 0
+load_hidden 1 2 0
+compute 1 1 1
+store_hidden 1 1 1
+load_hidden 1 2 1
+compute 1 2 0
+compute 1 2 1
+"""
+
+
+def test_the_zigzag_op_stream_reads_like_algorithm_1():
+    expected = [tuple(line.split()[:4]) for line in ZIGZAG_2x3x2.strip().splitlines()]
+    got = [(op.kind, str(op.token), str(op.layer), str(op.batch))
+           for op in schedule.ops("zigzag", 2, 3, 2)]
+    assert got == expected
