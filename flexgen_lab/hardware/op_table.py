@@ -36,6 +36,7 @@ import torch
 from flexgen_lab.engine.attention import decode_attention
 from flexgen_lab.models import families, ops
 from flexgen_lab.models.spec import ModelSpec
+from flexgen_lab.models.weights import loaded_shapes
 
 OPS = ("dense", "attention_decode", "attention_prefill", "head", "embed")
 MIN_SAMPLE_S = 0.05  # short calls are repeated until they add up to this
@@ -109,10 +110,7 @@ def _fastest_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], 
 
 
 def _weights(spec: ModelSpec, part: str, dtype, device) -> dict[str, torch.Tensor]:
-    shapes = {"layer": spec.layer_param_shapes, "embed": spec.embedding_param_shapes,
-              "head": spec.head_param_shapes}[part]()
-    if part == "head" and spec.tie_embeddings:
-        shapes = {**shapes, "embed_tokens.weight": (spec.vocab, spec.hidden)}
+    shapes = loaded_shapes(spec, part)
     gen = torch.Generator().manual_seed(0)
     return {name: (torch.randn(shape, generator=gen) * shape[-1] ** -0.5).to(device, dtype)
             for name, shape in shapes.items()}

@@ -35,6 +35,17 @@ def part_shapes(spec: ModelSpec, part: str) -> dict[str, tuple[int, ...]]:
     raise ValueError(f"weight part {part!r}; allowed: {PARTS}")
 
 
+def loaded_shapes(spec: ModelSpec, part: str) -> dict[str, tuple[int, ...]]:
+    """The tensors a part's step reads: its own, and for the head of a model with tied
+    embeddings the embedding matrix too (one home, loaded by both ends). The one place the
+    tied-head rule is written; the traffic, memory and cost models and the operator tables
+    read it here."""
+    shapes = dict(part_shapes(spec, part))
+    if part == "head" and spec.tie_embeddings:
+        shapes["embed_tokens.weight"] = (spec.vocab, spec.hidden)
+    return shapes
+
+
 def part_names(spec: ModelSpec) -> list[tuple[str, int | None]]:
     """Every part of a model in execution order."""
     return [("embed", None), *[("layer", j) for j in range(spec.num_layers)], ("head", None)]

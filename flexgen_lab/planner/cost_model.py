@@ -16,6 +16,7 @@ n -> gen_len; l -> num_layers; h1 -> hidden; h2 -> ffn; nh -> num_heads.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from flexgen_lab.engine.placement import split_units
@@ -24,6 +25,7 @@ from flexgen_lab.engine.transfer import LINKS
 from flexgen_lab.hardware.op_table import OpTable
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
+from flexgen_lab.models.weights import loaded_shapes
 from flexgen_lab.planner.traffic import WINDOWS, window_bytes
 
 VARIANTS = ("flexgen_lab", "flexgen-original")
@@ -78,12 +80,8 @@ def attention_flops(spec: ModelSpec, queries: int, keys: float) -> float:
 def matrix_bytes(spec: ModelSpec, part: str, dtype_bytes: int) -> int:
     """Bytes of a part's matrices in the compute dtype (what dequantisation writes and a
     decode step streams from device memory); the head of a tied model reuses the embedding."""
-    shapes = {"embed": spec.embedding_param_shapes, "layer": spec.layer_param_shapes,
-              "head": spec.head_param_shapes}[part]().values()
-    numel = sum(s[0] * s[1] for s in shapes if len(s) == 2)
-    if part == "head" and spec.tie_embeddings:
-        numel += spec.vocab * spec.hidden
-    return numel * dtype_bytes
+    return dtype_bytes * sum(math.prod(s) for s in loaded_shapes(spec, part).values()
+                             if len(s) == 2)
 
 
 def step_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, part: str,

@@ -27,7 +27,7 @@ from flexgen_lab.engine.transfer import IO_THREADS
 from flexgen_lab.engine.weight_homes import slot_layout
 from flexgen_lab.engine.workspace import step_workspace_bytes
 from flexgen_lab.models.spec import ModelSpec
-from flexgen_lab.models.weights import part_shapes
+from flexgen_lab.models.weights import loaded_shapes, part_shapes
 from flexgen_lab.planner.traffic import stored_forms
 from flexgen_lab.units import FLOAT_OF_SIZE as DTYPES
 from flexgen_lab.units import ceil_div, round_up
@@ -69,9 +69,7 @@ def _stored_bytes(shape, dtype, config) -> int:
 def part_bytes(spec: ModelSpec, part: str, dtype, config) -> tuple[int, int]:
     """(bytes of a part's stored tensors, bytes of its largest tensor); the head counts a tied
     embedding, which it loads again."""
-    shapes = dict(part_shapes(spec, part))
-    if part == "head" and spec.tie_embeddings:
-        shapes["embed_tokens.weight"] = (spec.vocab, spec.hidden)
+    shapes = loaded_shapes(spec, part)
     sizes = [_stored_bytes(s, dtype, config) for s in shapes.values()]
     return sum(sizes), max(sizes)
 
@@ -247,9 +245,7 @@ def _part_arrays(spec: ModelSpec, part: str, policy: Policy, dtype,
     them (the head with a tied embedding loads that again), else its own homes."""
     config = (CompressionConfig(policy.compress_bits, policy.compress_group_size, 0)
               if policy.compress_weight else None)
-    shapes = dict(part_shapes(spec, part))
-    if part == "head" and spec.tie_embeddings and loaded:
-        shapes["embed_tokens.weight"] = (spec.vocab, spec.hidden)
+    shapes = loaded_shapes(spec, part) if loaded else part_shapes(spec, part)
     out = []
     for shape in shapes.values():
         stored = stored_forms(shape, dtype, config)
@@ -347,7 +343,4 @@ def _widest_step(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
 
 
 def _compressed_shapes(spec: ModelSpec, part: str) -> list[tuple]:
-    shapes = [shape for shape in part_shapes(spec, part).values() if len(shape) >= 2]
-    if part == "head" and spec.tie_embeddings:
-        shapes.append((spec.vocab, spec.hidden))
-    return shapes
+    return [shape for shape in loaded_shapes(spec, part).values() if len(shape) >= 2]

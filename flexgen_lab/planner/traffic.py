@@ -25,7 +25,7 @@ from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.tiers import nbytes_of
 from flexgen_lab.engine.transfer import LINKS
 from flexgen_lab.models.spec import ModelSpec
-from flexgen_lab.models.weights import part_names, part_shapes
+from flexgen_lab.models.weights import loaded_shapes, part_names
 from flexgen_lab.units import FLOAT_OF_SIZE, ceil_div
 
 
@@ -43,9 +43,7 @@ def weight_tier_bytes(spec: ModelSpec, policy: Policy, dtype: torch.dtype) -> li
 @functools.lru_cache(maxsize=4096)
 def _part_tier_bytes(spec: ModelSpec, part: str, share: Placement, dtype: torch.dtype,
                      config: CompressionConfig | None) -> tuple[tuple[str, int], ...]:
-    shapes = dict(part_shapes(spec, part))
-    if part == "head" and spec.tie_embeddings:
-        shapes["embed_tokens.weight"] = (spec.vocab, spec.hidden)
+    shapes = loaded_shapes(spec, part)
     tiers: Counter = Counter()
     for shape in shapes.values():
         for array_shape, array_dtype, rows_per_unit in stored_forms(shape, dtype, config):
