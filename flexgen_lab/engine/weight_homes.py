@@ -41,6 +41,18 @@ def stored_arrays(tensor: torch.Tensor, config: compress.CompressionConfig | Non
     return {"data": (packed.data, rows_per_group), "scale_min": (packed.scale_min, 1)}
 
 
+def stored_forms(shape, dtype, config) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
+    """(array shape, dtype, rows per unit) of each array of a tensor's stored form, from its
+    shape alone: what stored_arrays makes. The one home of stored weight bytes (the traffic
+    and memory models count with it; tests compare it with stored_arrays)."""
+    if config is None or len(shape) < 2:
+        return [(tuple(shape), dtype, 1)]
+    groups = ceil_div(shape[0], config.group_size)
+    rows_per_group = config.group_size * config.bits // 8
+    return [((groups * rows_per_group, *shape[1:]), torch.uint8, rows_per_group),
+            ((groups, 2, *shape[1:]), torch.float16, 1)]
+
+
 # each array's view in a slot starts on this boundary: any dtype's alignment, and the 256
 # bytes CUDA's allocator gives (its kernels may vectorise on it)
 SLOT_ALIGN = 256

@@ -24,11 +24,10 @@ from flexgen_lab.engine.placement import batch_ranges, split_units
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.tiers import nbytes_of
 from flexgen_lab.engine.transfer import IO_THREADS
-from flexgen_lab.engine.weight_homes import slot_layout
+from flexgen_lab.engine.weight_homes import slot_layout, stored_forms
 from flexgen_lab.engine.workspace import step_workspace_bytes
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import loaded_shapes, part_shapes
-from flexgen_lab.planner.traffic import stored_forms
 from flexgen_lab.units import FLOAT_OF_SIZE as DTYPES
 from flexgen_lab.units import ceil_div, round_up
 
@@ -61,9 +60,7 @@ def fractions(policy: Policy) -> dict[str, float]:
 
 
 def _stored_bytes(shape, dtype, config) -> int:
-    if config is None or len(shape) < 2:
-        return nbytes_of(shape, dtype)
-    return compressed_nbytes(shape, config)
+    return sum(nbytes_of(s, d) for s, d, _ in stored_forms(shape, dtype, config))
 
 
 def part_bytes(spec: ModelSpec, part: str, dtype, config) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from flexgen_lab.engine.placement import batch_ranges, split_units
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.tiers import nbytes_of
 from flexgen_lab.engine.transfer import LINKS
+from flexgen_lab.engine.weight_homes import stored_forms
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import loaded_shapes, part_names
 from flexgen_lab.units import FLOAT_OF_SIZE, ceil_div
@@ -53,16 +54,6 @@ def _part_tier_bytes(spec: ModelSpec, part: str, share: Placement, dtype: torch.
                 rows = min(b * rows_per_unit, array_shape[0]) - a * rows_per_unit
                 tiers[tier] += rows * row_bytes
     return tuple(tiers.items())
-
-
-def stored_forms(shape, dtype, config):
-    """(array shape, dtype, rows per unit) of a tensor's stored form (as weight_homes)."""
-    if config is None or len(shape) < 2:
-        return [(shape, dtype, 1)]
-    groups = ceil_div(shape[0], config.group_size)
-    rows_per_group = config.group_size * config.bits // 8
-    return [((groups * rows_per_group, *shape[1:]), torch.uint8, rows_per_group),
-            ((groups, 2, *shape[1:]), torch.float16, 1)]
 
 
 WINDOWS = ("embed", "layer", "last", "head")  # whose compute a transfer overlaps, see below

@@ -244,3 +244,18 @@ def test_bad_config_names_the_field(kwargs, field):
 def test_group_dim_out_of_range_names_the_field():
     with pytest.raises(ValueError, match="group_dim=2"):
         quantize(torch.randn(4, 64), CompressionConfig(group_dim=2))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 70), st.integers(1, 9), st.sampled_from((4, 8)),
+       st.sampled_from((2, 6, 16, 64)), st.booleans())
+def test_stored_forms_from_shapes_are_what_stored_arrays_makes(rows, cols, bits, group, packed):
+    """The traffic and memory models count stored bytes from shapes; the engine stores
+    tensors: the two descriptions must agree array by array."""
+    from flexgen_lab.engine.weight_homes import stored_arrays, stored_forms
+
+    config = CompressionConfig(bits, group, 0) if packed else None
+    tensor = torch.randn(rows, cols)
+    made = stored_arrays(tensor, config, "w")
+    forms = stored_forms((rows, cols), torch.float32, config)
+    assert [(tuple(t.shape), t.dtype, per) for t, per in made.values()] == forms
