@@ -259,6 +259,7 @@ def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2
 
 
 RERANK_TOKENS = 8  # tokens the re-ranking simulates; later decode steps are extrapolated
+RERANK_LAYERS = (4, 8)  # depths the re-ranking simulates; deeper models are extrapolated
 
 
 def _rerank(spec, profile, s, n, q, schedule, top):
@@ -274,15 +275,27 @@ def _rerank(spec, profile, s, n, q, schedule, top):
 
 def extrapolated_throughput(spec, policy, schedule, profile, s, n, q) -> float:
     """Token/s by the simulator over the first RERANK_TOKENS tokens, the decode time
-    extrapolated to n tokens (a step's time grows only with the cache, by (n - 8) / s). One
-    simulation of OPT-175B's 32 x 8 blocks over 32 tokens replays half a million ops in
-    Python (seconds); eight tokens take a quarter of that."""
+    extrapolated to n tokens (a step's time grows only with the cache, by (n - 8) / s); a
+    model deeper than RERANK_LAYERS[-1] is simulated at those two depths and its phase times
+    extrapolated linearly in layers (decoder layers are alike: past the pipeline's start each
+    adds the same time). One simulation of OPT-175B's 16 x 16 blocks over 32 tokens
+    replays a quarter of a million ops in Python (seconds); this replays a fiftieth."""
     from flexgen_lab.sim.simulator import simulate
 
     horizon = min(n, RERANK_TOKENS)
-    sim = simulate(spec, policy, schedule, profile, s, horizon, q)
-    decode = sim.decode_s * (n - 1) / (horizon - 1) if horizon > 1 else 0.0
-    return sim.num_prompts * n / (sim.prefill_s + decode)
+    depths = RERANK_LAYERS if spec.num_layers > RERANK_LAYERS[-1] else (spec.num_layers,)
+    phases = []
+    for layers in depths:
+        sim = simulate(dataclasses.replace(spec, num_layers=layers), policy, schedule,
+                       profile, s, horizon, q)
+        decode = sim.decode_s * (n - 1) / (horizon - 1) if horizon > 1 else 0.0
+        phases.append((sim.prefill_s, decode))
+    if len(phases) == 2:
+        (p1, d1), (p2, d2) = phases
+        share = (spec.num_layers - depths[0]) / (depths[1] - depths[0])
+        phases = [(p1 + share * (p2 - p1), d1 + share * (d2 - d1))]
+    prefill, decode = phases[0]
+    return policy.block_size * n / (prefill + decode)
 
 
 def _batch_sizes(spec, profile, s, n, q, base, schedule, batch_sizes, max_gpu_batches,

@@ -121,22 +121,33 @@ def _per_layer(moved_phase: dict, part: Counter, spec: ModelSpec) -> None:
 
 
 def _cache(moved, spec, policy, k, prompt_len, gen_len, dtype, unit=Counter) -> None:
-    """Batch k's cache traffic, op by op (an op moves every off-gpu segment of the batch)."""
+    """Batch k's cache traffic, op by op (an op moves every off-gpu segment of the batch).
+    Summed over decode tokens in closed form where an op's bytes are constant or linear in
+    the past length (the search evaluates this hundreds of times per model)."""
     rows = cache_rows(spec, policy, k, dtype)
-    if not rows:
+    if not rows or gen_len < 2:
         return
-    if gen_len > 1:
-        _per_layer(moved["prefill"], unit(_total(cache_store(tier, row, prompt_len, False)
-                                                 for tier, row in rows.items())), spec)
-    for token in range(1, gen_len):
-        past = prompt_len + token - 1
-        for moved_by_op in (
-                _total(cache_load(policy, tier, row, past) for tier, row in rows.items()),
-                _total(cache_attend(spec, policy, row, past, dtype) for row in rows.values()),
-                _total(cache_store(tier, row, 1, policy.cpu_delegation)
-                       for tier, row in rows.items()
-                       if token < gen_len - 1 and cache_needs_store(policy, tier))):
-            _per_layer(moved["decode"], unit(moved_by_op), spec)
+    decode, steps = moved["decode"], gen_len - 1
+    _per_layer(moved["prefill"], unit(_total(cache_store(tier, row, prompt_len, False)
+                                             for tier, row in rows.items())), spec)
+    # a load moves past x (bytes per position): all steps' pasts add up to s (n-1) + (n-1)(n-2)/2
+    per_position = _total(cache_load(policy, tier, row, 1) for tier, row in rows.items())
+    pasts = prompt_len * steps + steps * (steps - 1) // 2
+    _per_layer(decode, _times(unit(per_position), steps if unit is _copies else pasts), spec)
+    if policy.attn_sparsity < 1.0 and not policy.cpu_delegation:  # int(share x past) per step
+        for past in range(prompt_len, prompt_len + steps):
+            _per_layer(decode, unit(_total(cache_attend(spec, policy, row, past, dtype)
+                                           for row in rows.values())), spec)
+    else:
+        attend = _total(cache_attend(spec, policy, row, prompt_len, dtype) for row in rows.values())
+        _per_layer(decode, _times(unit(attend), steps), spec)
+    store = _total(cache_store(tier, row, 1, policy.cpu_delegation) for tier, row in rows.items()
+                   if cache_needs_store(policy, tier))
+    _per_layer(decode, _times(unit(store), steps - 1), spec)  # the last token's is not stored
+
+
+def _times(counter: Counter, n: int) -> Counter:
+    return Counter({link: n * value for link, value in counter.items()})
 
 
 def _total(counters) -> Counter:
@@ -233,17 +244,19 @@ def hidden_move(tier: str, nbytes: int, store: bool) -> Counter:
 
 
 def _activations(moved, spec, policy, k, prompt_len, gen_len, dtype, unit=Counter) -> None:
-    """Batch k's activation traffic, op by op (an op moves every off-gpu segment)."""
+    """Batch k's activation traffic, op by op (an op moves every off-gpu segment); every
+    decode token moves the same, so it is counted once and multiplied."""
     homes = activation_rows(spec, policy, k, dtype)
     if not homes:
         return
-    for token in range(gen_len):
-        windows = moved["prefill" if token == 0 else "decode"]
-        tokens = prompt_len if token == 0 else 1
-        store = unit(_total(hidden_move(tier, tokens * per_token, True)
-                            for tier, per_token in homes.items()))
-        load = unit(_total(hidden_move(tier, tokens * per_token, False)
-                           for tier, per_token in homes.items()))
+    for phase, tokens, times in (("prefill", prompt_len, 1), ("decode", 1, gen_len - 1)):
+        if times < 1:
+            continue
+        windows = moved[phase]
+        store = _times(unit(_total(hidden_move(tier, tokens * per_token, True)
+                                   for tier, per_token in homes.items())), times)
+        load = _times(unit(_total(hidden_move(tier, tokens * per_token, False)
+                                  for tier, per_token in homes.items())), times)
         _add(windows["embed"], store)  # the embedding's output goes home
         _per_layer(windows, store + load, spec)  # each layer loads and stores
         _add(windows["head"], load)  # the head loads the last layer's output
