@@ -198,3 +198,20 @@ def test_rerank_by_the_simulator_beats_the_cost_models_pick():
     assert ranked.simulated > 1.2 * simulated  # the simulator does not
     full = simulate(spec, ranked.policy, "zigzag", hw, 512, 32, 2).generation_throughput
     assert ranked.simulated == pytest.approx(full, rel=0.05)  # 8 tokens, extrapolated
+
+
+@pytest.mark.parametrize("policy", [
+    Policy(gpu_batch_size=16, num_gpu_batches=8, weights=Placement(0.2, 0.8),
+           cache=Placement(0, 1), cpu_delegation=True),
+    Policy(gpu_batch_size=32, num_gpu_batches=4, weights=Placement(0, 0.5),
+           cache=Placement(0, 0), activations=Placement(0, 1)),
+])
+def test_the_rerankings_shallow_simulations_extrapolate_to_the_full_model(policy):
+    """The re-ranking simulates 4 and 8 layers over 8 tokens and extrapolates; on a 48-layer
+    model over 32 tokens that lands within 3 % of simulating everything."""
+    from flexgen_lab.planner.search import extrapolated_throughput
+
+    spec, hw = ModelSpec.from_name("opt-30b"), profile("t4-paper-fitted")
+    full = simulate(spec, policy, "zigzag", hw, 512, 32, 2).generation_throughput
+    assert extrapolated_throughput(spec, policy, "zigzag", hw, 512, 32, 2) == pytest.approx(
+        full, rel=0.03)
