@@ -82,7 +82,11 @@ class Executor:
 
     def __init__(self, overlap: bool, num_threads: int = IO_THREADS,
                  trace: Callable[[dict], None] | None = None):
-        self.pool = ThreadPoolExecutor(num_threads, thread_name_prefix="io") if overlap else None
+        # one torch thread per I/O worker: a host copy is memory-bound (two threads copy no
+        # faster here), and a second one would take a core from compute's threads
+        self.pool = (ThreadPoolExecutor(num_threads, thread_name_prefix="io",
+                                        initializer=torch.set_num_threads, initargs=(1,))
+                     if overlap else None)
         self.trace = trace
         self.origin = time.perf_counter()
 
