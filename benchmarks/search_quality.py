@@ -8,7 +8,8 @@
 2. the grid: at least 12 batch shapes (gpu_batch_size x num_gpu_batches, from 1 x 32 to 64 x 1),
    each with the LP's best placement for that shape under the budgets (planner/search.solve),
    measured on the engine with the budgets enforced;
-3. `search` (with re-ranking) picks a policy on the same profile and budgets; it is measured
+3. `search` (with re-ranking, blocks up to the grid's largest, 64 prompts) picks a policy on
+   the same profile and budgets; it is measured
    the same way and compared with the grid's best (target: at least 0.90 of it).
 Every policy: one warm-up generation, then the median of `repeats` generations. The figures
 printed as "measured" are the engine's on this machine, "predicted" the cost model's and
@@ -44,6 +45,7 @@ CASES = {  # model -> (dtype, gpu tier, cpu tier): tight budgets, the disk tier 
     "opt-125m": (torch.float32, 600 * MiB, 300 * MiB),
     "opt-1.3b": (torch.bfloat16, 1200 * MiB, 1200 * MiB),
 }
+MAX_BLOCK = 64  # the grid's largest block; the search is held to it too (same latency bound)
 SHAPES = [(1, 32), (1, 8), (2, 16), (4, 1), (4, 4), (4, 8), (8, 1), (8, 4), (8, 8), (16, 1),
           (16, 2), (16, 4), (32, 1), (32, 2), (64, 1)]
 
@@ -57,7 +59,8 @@ def profile_for(spec: ModelSpec, dtype: torch.dtype, gpu: int, cpu: int) -> Hard
                            cpu_mem=cpu, disk_mem=calibrate.default_capacities(OFFLOAD)[
                                "disk_mem"], cpu_correction=(0.0, 0.0, 0.0),
                            safety_factor=1.0, op_tables={key: table},
-                           io_latency_s=calibrate.copy_latencies(device, OFFLOAD), **speeds)
+                           io_latency_s=calibrate.copy_latencies(device, OFFLOAD),
+                           step_overhead_s=calibrate.engine_step_overhead(device, dtype), **speeds)
 
 
 def measured(spec, policy: Policy, dtype, profile: HardwareProfile, repeats: int) -> float:
@@ -100,7 +103,8 @@ def run_case(model: str, repeats: int) -> float:
         print(f"  grid {describe(policy)}  {grid[describe(policy)]:8.2f} token/s (measured)",
               flush=True)
     start = time.perf_counter()
-    found = search(spec, profile, PROMPT_LEN, GEN_LEN, q, delegation=False, rerank_top=5)
+    found = search(spec, profile, PROMPT_LEN, GEN_LEN, q, delegation=False, rerank_top=5,
+                   max_block_size=MAX_BLOCK)
     seconds = time.perf_counter() - start
     got = measured(spec, found.policy, dtype, profile, repeats)
     best_name = max(grid, key=grid.get)

@@ -144,6 +144,7 @@ def calibrated_profile(spec: ModelSpec) -> HardwareProfile:
     return HardwareProfile(name="calibrated", source="this run", cpu_correction=(0, 0, 0),
                            safety_factor=0.8, **calibrate.default_capacities(OFFLOAD),
                            io_latency_s=calibrate.copy_latencies(device, Path(OFFLOAD)),
+                           step_overhead_s=calibrate.engine_step_overhead(device, torch.float32),
                            op_tables={key: table}, **speeds)
 
 

@@ -9,7 +9,8 @@ another buffer without one, as the engine does), disk reads and writes with the 
 bypassed (the engine's own DiskFile), matmul and batched-matmul throughput shaped like
 prefill and decode, CPU attention, and device memory bandwidth. Each figure is the median of
 a few repeats after a warm-up. Also: what one small copy costs on each link beyond its bytes
-(`io_latency_s`), and with `model=` each model's operator time table at its own shapes
+(`io_latency_s`), the engine's own cost per compute step (`step_overhead_s`, on a model too
+small to compute), and with `model=` each model's operator time table at its own shapes
 (hardware/op_table.py). The profile goes to $FLEXGEN_LAB_CONFIG_DIR/hardware/ (default
 ~/.config/flexgen_lab), a directory conf/config.yaml adds to Hydra's search path.
 """
@@ -159,6 +160,36 @@ def model_table(spec, dtype: torch.dtype, device: torch.device, quick: bool
     """(shape key, operator table) of one model, measured here (hardware/op_table.py)."""
     return (shape_key(spec, dtype.itemsize),
             measure_table(spec, dtype, device, quick, progress=lambda m: print("   ", m)))
+
+
+OVERHEAD_MODEL, OVERHEAD_TOKENS = "opt-tiny", 17  # arithmetic negligible beside bookkeeping
+
+
+def engine_step_overhead(device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
+    """Seconds the engine spends per compute step beyond its operators: a resident decode of
+    opt-tiny (2 layers of width 64, batch 1) timed, minus what its own operator table says
+    the arithmetic takes, per step. Measured on a model too small to compute, not fitted on
+    the runs a profile will be judged on."""
+    from flexgen_lab.engine.engine import Engine
+    from flexgen_lab.engine.policy import Policy
+    from flexgen_lab.models.spec import ModelSpec
+    from flexgen_lab.models.weights import DummyWeights
+    from flexgen_lab.workload import synthetic_prompts
+
+    spec = ModelSpec.from_name(OVERHEAD_MODEL)
+    table = measure_table(spec, dtype, device, quick=True)
+    ids, mask = synthetic_prompts(spec, 1, 8, seed=0)
+    with torch.inference_mode(), Engine(spec, DummyWeights(spec, 0), Policy(1), "zigzag",
+                                        device, dtype) as engine:
+        engine.generate(ids, mask, OVERHEAD_TOKENS)
+        decode = statistics.median(engine.generate(ids, mask, OVERHEAD_TOKENS).decode_s
+                                   for _ in range(repeats))
+    steps = OVERHEAD_TOKENS - 1
+    arithmetic = sum(table.seconds("embed", 1) + table.seconds("head", 1)
+                     + spec.num_layers * (table.seconds("dense", 1)
+                                          + table.seconds("attention_decode", 8 + t))
+                     for t in range(steps))
+    return max(0.0, (decode - arithmetic) / (steps * (spec.num_layers + 2)))
 
 
 def kept_tables(name: str, directory: Path | None = None) -> dict:

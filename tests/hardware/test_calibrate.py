@@ -24,6 +24,7 @@ def test_quick_calibration_writes_a_profile_hydra_finds(tmp_path):
     profile = yaml.safe_load((tmp_path / "cfg" / "hardware" / "here.yaml").read_text())
     for key in (*SPEED_FIELDS, *OPTIONAL_SPEEDS):
         assert float(profile[key]) > 0, key
+    assert 0 <= profile["step_overhead_s"] < 0.1  # per engine step (a measured difference)
     assert set(profile["io_latency_s"]) == set(LINKS)
     assert all(0 < s < 0.1 for s in profile["io_latency_s"].values())
     keys = {shape_key(ModelSpec.from_name(m), 4) for m in ("llama-tiny", "opt-tiny")}
