@@ -10,8 +10,8 @@ Where the loop lives: the loop nest and the place of every load and store around
 compute is `schedule.ops` (tests/engine/test_schedule.py pins its stream for 2 tokens x
 3 parts x 2 batches, annotated as Algorithm 1); `BlockRun.run` below walks that stream and
 hands each op to the method of its name (load_weight ... store_hidden); `BlockRun.compute`
-and `_cell` are one step's arithmetic (models/<family>.py) and `attention.CacheAttention`
-its cache reads and writes. The simulator (sim/simulator.py) replays the same stream.
+and `_cell` are one step's arithmetic (models/<family>.py, attention.py); `cache_io.CacheIO`
+the cache's loads, stores and buffers. The simulator (sim/simulator.py) replays the same stream.
 
     >>> with Engine(spec, DummyWeights(spec, 0), Policy(weights=Placement(0.2, 0.8))) as engine:
     ...     gen = engine.generate(input_ids, attention_mask, gen_len=32)
@@ -31,6 +31,7 @@ from flexgen_lab.engine.activation_homes import ActivationHomes
 from flexgen_lab.engine.attention import CacheAttention
 from flexgen_lab.engine.batch import BatchState, Callbacks, Generation, Sampling, pick_tokens
 from flexgen_lab.engine.cache_homes import CacheHomes
+from flexgen_lab.engine.cache_io import CacheIO
 from flexgen_lab.engine.compress import CompressionConfig
 from flexgen_lab.engine.disk import DiskDir
 from flexgen_lab.engine.memory import release_free_heap
@@ -176,10 +177,10 @@ class BlockRun:
                                     self.prompt_len, engine.tiers, engine.dtype, disk_dir)
         engine.placed["cache"] = self.cache.home_bytes()
         engine.placed["activations"] = self.acts.home_bytes()
-        self.attention = CacheAttention(self.cache, engine.tiers, p.cpu_delegation,
-                                        p.attn_sparsity, p.attn_renormalize)
-        self.attention.start_block(self.prompt_len)
-        self.attention.reserve_buffers(gen_len)
+        self.cache_io = CacheIO(self.cache, engine.tiers, p.cpu_delegation, p.attn_sparsity)
+        self.cache_io.start_block(self.prompt_len)
+        self.cache_io.reserve_buffers(gen_len)
+        self.attention = CacheAttention(self.cache_io, p.attn_sparsity, p.attn_renormalize)
         self.executor = Executor(p.overlap, engine.io_workers, trace=self._trace)
         self.weight_jobs: dict[tuple[int, int], tuple[Future, dict]] = {}
         self.cache_jobs: dict[tuple[int, int], tuple[Future, int]] = {}
@@ -263,7 +264,7 @@ class BlockRun:
         slot = self.counts["cache_loads"] % 2
         self.counts["cache_loads"] += 1
         deps = [self.cache_stores.get((layer, op.batch))]
-        fn = lambda: self.attention.load(op.token, layer, op.batch, slot, self.links)  # noqa: E731
+        fn = lambda: self.cache_io.load(op.token, layer, op.batch, slot, self.links)  # noqa: E731
         self.cache_jobs[(layer, op.batch)] = (self._submit(op, fn, deps), slot)
 
     def load_hidden(self, op) -> None:
@@ -348,7 +349,7 @@ class BlockRun:
         q, k_new, v_new = fam.attention_inputs(spec, w, x, positions)
         if i == 0:
             attn = ops.attention(q, k_new, v_new, batch.mask, self.e.score_scale)
-            pending = self.attention.prefill_rows(j - 1, op.batch, k_new, v_new)
+            pending = self.cache_io.prefill_rows(j - 1, op.batch, k_new, v_new)
         else:
             rows = {"k": k_new.permute(2, 0, 1, 3), "v": v_new.permute(2, 0, 1, 3)}
             attn, pending = self.attention.attend(i, j - 1, op.batch, cache_slot, q, rows,
@@ -368,7 +369,7 @@ class BlockRun:
         start = self.batches[op.batch].window(op.token)[0]
         slot = self.counts["stores"] % 2
         self.counts["stores"] += 1
-        fn = lambda: self.attention.store(layer, op.batch, start, pending, slot, self.links,  # noqa: E731
+        fn = lambda: self.cache_io.store(layer, op.batch, start, pending, slot, self.links,  # noqa: E731
                                           op.token)
         deps = [self.cache_stores.get((layer, op.batch)), self.last_store]
         self.last_store = self.cache_stores[(layer, op.batch)] = self._submit(op, fn, deps)
