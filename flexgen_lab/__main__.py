@@ -14,6 +14,7 @@
     python -m flexgen_lab plot experiment=table4 backend=simulated        # its figures
     python -m flexgen_lab cache [engine.offload_dir=DIR]       # weight caches: size, last use
     python -m flexgen_lab cache clear KEY|all                  # remove them
+    python -m flexgen_lab fetch smollm2-135m-instruct corpus   # the real model and text
 
 Hydra reads conf/ at the repository's top level (found from this file, so any working
 directory works for source and editable installs); `--config-dir DIR` adds another directory
@@ -46,8 +47,9 @@ from flexgen_lab.compose import (  # noqa: F401  (re-exported for scripts and te
     sweep_jobs,
     to_run_config,
 )
+from flexgen_lab.fetch import fetch_command
 
-COMMANDS = ("run", "table", "search", "reproduce", "plot", "calibrate", "cache")
+COMMANDS = ("run", "table", "search", "reproduce", "plot", "calibrate", "cache", "fetch")
 NOT_BUILT: dict[str, str] = {}
 
 
@@ -95,6 +97,8 @@ def _run_task(cfg) -> dict:
     except RunFailed as err:
         _job_failed(f"run failed ({err.status}, stored as run_id {err.run_id}): {err}", 1)
     print(_summary(result, run_cfg.store.path))
+    if result.texts:  # prompts from a tokenizer: show what the model said (the first answer)
+        print(f"answer: {result.texts[0]}")
     return result.row
 
 
@@ -283,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown command {command!r}; allowed: {', '.join(COMMANDS)}", 2)
     if command in NOT_BUILT:
         fail(f"'{command}' is not built yet ({NOT_BUILT[command]})", 2)
-    small = {"table": table_command, "calibrate": calibrate_command, "cache": cache_command}
+    small = {"table": table_command, "calibrate": calibrate_command, "cache": cache_command,
+             "fetch": fetch_command}
     if command in small:
         small[command](args[1:])
     elif command in ("reproduce", "plot"):

@@ -23,7 +23,8 @@ DTYPES = (*TORCH_DTYPES, "auto")
 BACKENDS = ("measured", "simulated")
 SYSTEMS = ("flexgen_lab", "hf", "accelerate", "deepspeed")
 DISK_IO = ("direct", "buffered")
-PROMPT_SOURCES = ("synthetic", "text")
+PROMPT_SOURCES = ("synthetic", "text", "corpus")
+TOKENIZED = ("text", "corpus")  # prompt sources that need the model's tokenizer
 POLICY_KINDS = ("manual", "search")
 DISTRIBUTED = ("none", "pipeline")
 COST_MODELS = ("flexgen_lab", "flexgen-original")  # planner/cost_model.py implements each
@@ -49,7 +50,7 @@ def user_config_dir() -> Path:
 @dataclass
 class ModelConfig:
     name: str = "opt-125m"  # a preset from models/spec.py, or "local" with path
-    path: str | None = None  # a local Hugging Face directory (config.json + *.safetensors)
+    path: str | None = None  # a Hugging Face directory (config.json + *.safetensors) or .gguf
 
 
 @dataclass
@@ -120,7 +121,9 @@ class WorkloadConfig:
     prompt_len: int = 128
     gen_len: int = 32
     num_prompts: int | None = None  # null: one block (gpu_batch_size x num_gpu_batches)
-    prompts: str = "synthetic"  # synthetic (seeded random ids) | text (needs model.path)
+    prompts: str = "synthetic"  # synthetic (seeded ids) | text (built-in sentences) | corpus
+    prompt_text: str | None = None  # one prompt (every sequence), e.g. a question; a tokenizer
+    chat_template: bool = True  # format prompt_text with the tokenizer's chat template, if any
     varied_lengths: bool = False  # left-padded prompts of different lengths
     temperature: float = 0.0  # 0 = greedy
     stop_token: int | None = None
