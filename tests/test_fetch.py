@@ -57,3 +57,20 @@ def test_run_answers_a_question(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     answer = [line for line in out.stdout.splitlines() if line.startswith("answer:")]
     assert answer and "Paris" in answer[0], out.stdout
+
+
+def test_corpus_prompts_are_real_varied_and_left_padded(smollm2, corpus_documents):
+    from flexgen_lab.workload import corpus_prompts, unpadded
+
+    weights, tokenizer = smollm2
+    assert len(corpus_documents) == 300
+    ids, mask = corpus_prompts(tokenizer, weights.spec, 8, 32, seed=0,
+                               documents=corpus_documents)
+    lengths = mask.sum(1)
+    assert ids.shape == (8, 32) and len(set(lengths.tolist())) > 2
+    assert bool(((16 <= lengths) & (lengths <= 32)).all())
+    assert bool((mask[:, -1] == 1).all()) and bool((ids[mask == 0] == weights.spec.pad_token_id)
+                                                   .all())
+    for row in unpadded(ids, mask):  # each is the start of some document, token for token
+        text = tokenizer.decode(row)
+        assert any(doc.startswith(text.strip()[:40]) for doc in corpus_documents)
