@@ -15,6 +15,7 @@
     python -m flexgen_lab cache [engine.offload_dir=DIR]       # weight caches: size, last use
     python -m flexgen_lab cache clear KEY|all                  # remove them
     python -m flexgen_lab fetch smollm2-135m-instruct corpus   # the real model and text
+    python -m flexgen_lab eval model=smollm2-135m-instruct compress=both   # accuracy on text
 
 Hydra reads conf/ at the repository's top level (found from this file, so any working
 directory works for source and editable installs); `--config-dir DIR` adds another directory
@@ -49,7 +50,8 @@ from flexgen_lab.compose import (  # noqa: F401  (re-exported for scripts and te
 )
 from flexgen_lab.fetch import fetch_command
 
-COMMANDS = ("run", "table", "search", "reproduce", "plot", "calibrate", "cache", "fetch")
+COMMANDS = ("run", "table", "search", "reproduce", "plot", "calibrate", "cache", "fetch",
+            "eval")
 NOT_BUILT: dict[str, str] = {}
 
 
@@ -149,6 +151,22 @@ def _search_task(cfg) -> None:
     print(_search_summary(found, spec.name, profile.name, sim.generation_throughput))
 
 
+def _eval_task(cfg) -> None:
+    """Hydra's task for `eval`: perplexity and last-word accuracy of one variant (eval_run.py)."""
+    from flexgen_lab.config import ConfigError
+    from flexgen_lab.eval_run import run_eval, summary
+    from flexgen_lab.runner import RunFailed
+
+    try:
+        run_cfg = to_run_config(cfg)
+        result = run_eval(run_cfg)
+    except ConfigError as err:
+        _job_failed(str(err), 2)
+    except RunFailed as err:
+        _job_failed(f"eval failed ({err.status}, stored as run_id {err.run_id}): {err}", 1)
+    print(summary(result, run_cfg.store.path))
+
+
 def _search_summary(found, model: str, hardware: str, simulated: float) -> str:
     p, pred = found.policy, found.prediction
     place = lambda x: f"gpu {x.gpu:.3f} cpu {x.cpu:.3f} disk {x.disk:.3f}"  # noqa: E731
@@ -213,7 +231,7 @@ def hydra_command(command: str, args: list[str]) -> None:
                 or parsed.shell_completion):
             _validate_jobs(command, parsed.overrides, source, parsed.multirun)
         ensure_user_config_dir()
-        run_command(_search_task if command == "search" else _run_task)
+        run_command({"search": _search_task, "eval": _eval_task}.get(command, _run_task))
     except JobFailed as err:
         fail(str(err), err.code)
     except ConfigError as err:
@@ -262,11 +280,15 @@ def _validate_jobs(command: str, overrides: list[str], source: Source, multirun:
 def _check_values(command: str, cfg) -> None:
     """What `run` checks before it starts (values, files, budgets), or `search` (the model,
     the workload and a profile with speeds)."""
-    if command == "run":
+    if command in ("run", "eval"):
         from flexgen_lab.checks import check_paths, prepare  # imports torch: seconds
 
-        prepare(cfg)
+        spec = prepare(cfg)[0]
         check_paths(cfg)
+        if command == "eval":
+            from flexgen_lab.eval_run import check_eval
+
+            check_eval(cfg, spec)
     else:
         from flexgen_lab.hardware.profile import HardwareProfile
         from flexgen_lab.validation import validate

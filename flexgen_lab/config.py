@@ -172,6 +172,20 @@ class SearchConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The `eval` command's text and cuts (flexgen_lab/evaluation.py): perplexity over n_windows
+    windows of window_len tokens (stride apart; null = window_len) and last-word accuracy on
+    `passages` passages of window_len tokens, each prefilled prefix_len tokens, then decoded."""
+
+    corpus: str | None = None  # a text file, one document per line; null: the fetched corpus
+    window_len: int = 64
+    stride: int | None = None
+    n_windows: int = 8
+    passages: int = 16
+    prefix_len: int = 16
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -185,6 +199,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cost_model: CostModelConfig = field(default_factory=CostModelConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     dtype: str = "auto"
     seed: int = 0
     trace: bool = False

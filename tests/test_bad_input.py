@@ -125,6 +125,8 @@ LINES = [
     Line("run model=local model.path={tmp}/missing.gguf", 2, "model.path"),
     Line("run model=local model.path={text_gguf}", 2, "not a valid GGUF"),
     Line("fetch", 2, "fetch"),
+    Line("eval model=opt-tiny", 2, "tokenizer"),
+    Line("eval model=opt-tiny eval.prefix_len=0", 2, "eval.prefix_len"),
     Line("fetch gpt5", 2, "smollm2-135m-instruct"),
     # a bad value inside a multirun list: refused before the first job
     Line("run --multirun policy.gpu_batch_size=1,0", 2, "policy.gpu_batch_size=0"),
