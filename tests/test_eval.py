@@ -105,3 +105,26 @@ def test_last_word_passages_end_with_the_word(smollm2, corpus_documents):
         word = tokenizer.decode(row[-k:]).strip()
         assert word.isalpha() and any(doc.rstrip(" .\"'").endswith(word)
                                       for doc in corpus_documents)
+
+
+@pytest.mark.slow
+def test_reproduce_table5_tiny_rows(smollm2, corpus_documents, tmp_path, monkeypatch, capsys):
+    """Two rows of experiments/table5.yaml at the tiny scale: stored as eval runs, printed
+    beside the paper's relative changes; a second reproduce runs nothing."""
+    from flexgen_lab.reproduce import reproduce
+    from flexgen_lab.results.store import ResultStore
+
+    monkeypatch.chdir(tmp_path)
+    args = ["experiment=table5", "reproduce.scale=tiny", "store.path=r.sqlite",
+            "reproduce.only=full precision,4-bit cache"]
+    path = reproduce(args)
+    out = capsys.readouterr().out
+    assert "| full precision | " in out and "| 4-bit cache | " in out and "+1.42" not in out
+    store = ResultStore("r.sqlite")
+    runs, evals = store.runs(), store.evals()
+    assert list(runs.compress) == ["none", "cache"] and set(runs.status) == {"ok"}
+    assert set(evals.metric) == {"perplexity", "last_word_accuracy", "scored_tokens"}
+    assert (evals[evals.metric == "perplexity"].value > 1).all()
+    assert path.read_text().startswith("# Table 5 analog")
+    reproduce(args)
+    assert len(ResultStore("r.sqlite").runs()) == 2

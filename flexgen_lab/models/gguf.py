@@ -181,8 +181,16 @@ class GGUFWeights:
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer embedded in the file, through transformers' own GGUF reader."""
+    """The tokenizer embedded in the file, through transformers' own GGUF reader (seconds:
+    kept per (file, size, mtime), as a reproduce's rows each ask for it)."""
+    file = Path(path).resolve()
+    st = file.stat()
+    return _load_tokenizer(str(file), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=2)
+def _load_tokenizer(file_name: str, size: int, mtime_ns: int):
     from transformers import AutoTokenizer
 
-    file = Path(path)
+    file = Path(file_name)
     return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
