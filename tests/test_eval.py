@@ -53,7 +53,7 @@ def test_full_precision_perplexity_equals_transformers(smollm2, smollm2_hf, wind
 
 def test_each_approximation_changes_the_logits(smollm2, windows):
     weights, _ = smollm2
-    short = windows[:2, :PREFIX + 3]  # two decode-predicted tokens: enough to differ
+    short = windows[:2, :PREFIX + 2]  # one decode-predicted token: enough to differ
 
     def logprob(**policy):
         return score(Engine(weights.spec, weights, Policy(gpu_batch_size=2, **policy)), short,
@@ -71,7 +71,7 @@ def test_cache_is_stored_as_uint8_codes_and_sparse_moves_k_values(smollm2, windo
     top int(0.1 p) past value rows per (sequence, query head) (the (k + 1)-th is the new row,
     already on the compute side)."""
     weights, _ = smollm2
-    spec, seqs = weights.spec, windows[:2, :21]
+    spec, seqs = weights.spec, windows[:2, :PREFIX + 4]
     homes = []
 
     class Recorded(CacheHomes):
