@@ -186,7 +186,12 @@ def make_prompts(cfg: RunConfig, spec: ModelSpec, num_prompts: int):
     if w.prompts == "synthetic" and w.prompt_text is None:
         return (*workload.synthetic_prompts(spec, num_prompts, w.prompt_len, cfg.seed,
                                             w.varied_lengths), None)
-    tokenizer = workload.load_tokenizer(cfg.model.path)
+    try:
+        tokenizer = workload.load_tokenizer(cfg.model.path)
+    except (OSError, ValueError) as err:  # no tokenizer files: nothing ran yet
+        raise ConfigError(f"model.path={cfg.model.path!r}: its tokenizer cannot be loaded "
+                          f"({err}); allowed: a model with a tokenizer, or "
+                          "workload.prompts=synthetic") from None
     if w.prompt_text is not None:
         made = workload.question_prompts(tokenizer, spec, num_prompts, w.prompt_len,
                                          w.prompt_text, w.chat_template)
