@@ -1,5 +1,5 @@
 # make run   : set up .venv (CPU torch where there is no GPU) and run the default job
-# make test  : set up .venv and run ruff plus the whole test suite (what CI runs)
+# make test  : set up .venv, fetch the real model and corpus, run ruff plus the whole suite (CI)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-install
@@ -21,6 +21,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(PY) -m flexgen_lab fetch smollm2-135m-instruct corpus  # cached after the first time
 	$(PY) -m pytest -q
 
 clean:

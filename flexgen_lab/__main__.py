@@ -14,6 +14,8 @@
     python -m flexgen_lab plot experiment=table4 backend=simulated        # its figures
     python -m flexgen_lab cache [engine.offload_dir=DIR]       # weight caches: size, last use
     python -m flexgen_lab cache clear KEY|all                  # remove them
+    python -m flexgen_lab fetch smollm2-135m-instruct corpus   # the real model and text
+    python -m flexgen_lab eval model=smollm2-135m-instruct compress=both   # accuracy on text
 
 Hydra reads conf/ at the repository's top level (found from this file, so any working
 directory works for source and editable installs); `--config-dir DIR` adds another directory
@@ -46,8 +48,10 @@ from flexgen_lab.compose import (  # noqa: F401  (re-exported for scripts and te
     sweep_jobs,
     to_run_config,
 )
+from flexgen_lab.fetch import fetch_command
 
-COMMANDS = ("run", "table", "search", "reproduce", "plot", "calibrate", "cache")
+COMMANDS = ("run", "table", "search", "reproduce", "plot", "calibrate", "cache", "fetch",
+            "eval")
 NOT_BUILT: dict[str, str] = {}
 
 
@@ -95,6 +99,8 @@ def _run_task(cfg) -> dict:
     except RunFailed as err:
         _job_failed(f"run failed ({err.status}, stored as run_id {err.run_id}): {err}", 1)
     print(_summary(result, run_cfg.store.path))
+    if result.texts:  # prompts from a tokenizer: show what the model said (the first answer)
+        print(f"answer: {result.texts[0]}")
     return result.row
 
 
@@ -143,6 +149,22 @@ def _search_task(cfg) -> None:
     sim = simulate(spec, found.policy, found.schedule, profile, w.prompt_len, w.gen_len,
                    dtype.itemsize)
     print(_search_summary(found, spec.name, profile.name, sim.generation_throughput))
+
+
+def _eval_task(cfg) -> None:
+    """Hydra's task for `eval`: perplexity and last-word accuracy of one variant (eval_run.py)."""
+    from flexgen_lab.config import ConfigError
+    from flexgen_lab.eval_run import run_eval, summary
+    from flexgen_lab.runner import RunFailed
+
+    try:
+        run_cfg = to_run_config(cfg)
+        result = run_eval(run_cfg)
+    except ConfigError as err:
+        _job_failed(str(err), 2)
+    except RunFailed as err:
+        _job_failed(f"eval failed ({err.status}, stored as run_id {err.run_id}): {err}", 1)
+    print(summary(result, run_cfg.store.path))
 
 
 def _search_summary(found, model: str, hardware: str, simulated: float) -> str:
@@ -209,7 +231,7 @@ def hydra_command(command: str, args: list[str]) -> None:
                 or parsed.shell_completion):
             _validate_jobs(command, parsed.overrides, source, parsed.multirun)
         ensure_user_config_dir()
-        run_command(_search_task if command == "search" else _run_task)
+        run_command({"search": _search_task, "eval": _eval_task}.get(command, _run_task))
     except JobFailed as err:
         fail(str(err), err.code)
     except ConfigError as err:
@@ -258,11 +280,15 @@ def _validate_jobs(command: str, overrides: list[str], source: Source, multirun:
 def _check_values(command: str, cfg) -> None:
     """What `run` checks before it starts (values, files, budgets), or `search` (the model,
     the workload and a profile with speeds)."""
-    if command == "run":
+    if command in ("run", "eval"):
         from flexgen_lab.checks import check_paths, prepare  # imports torch: seconds
 
-        prepare(cfg)
+        spec = prepare(cfg)[0]
         check_paths(cfg)
+        if command == "eval":
+            from flexgen_lab.eval_run import check_eval
+
+            check_eval(cfg, spec)
     else:
         from flexgen_lab.hardware.profile import HardwareProfile
         from flexgen_lab.validation import validate
@@ -283,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"unknown command {command!r}; allowed: {', '.join(COMMANDS)}", 2)
     if command in NOT_BUILT:
         fail(f"'{command}' is not built yet ({NOT_BUILT[command]})", 2)
-    small = {"table": table_command, "calibrate": calibrate_command, "cache": cache_command}
+    small = {"table": table_command, "calibrate": calibrate_command, "cache": cache_command,
+             "fetch": fetch_command}
     if command in small:
         small[command](args[1:])
     elif command in ("reproduce", "plot"):

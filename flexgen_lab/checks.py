@@ -16,6 +16,7 @@ from flexgen_lab.config import ConfigError, RunConfig
 from flexgen_lab.engine.disk import filesystem_type, probe
 from flexgen_lab.hardware.local import existing_parent
 from flexgen_lab.hardware.profile import HardwareProfile
+from flexgen_lab.models.gguf import is_gguf, open_reader
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import safetensors_files, safetensors_keys
 from flexgen_lab.results.store import StoreError, check_path
@@ -101,6 +102,9 @@ def check_weight_files(path: str) -> None:
     """A local model's weight files exist and their headers parse (cheap: no tensor is
     read), so a pickle-only or corrupt directory is a configuration error."""
     try:
+        if is_gguf(path):
+            open_reader(path)
+            return
         for file in safetensors_files(path):
             safetensors_keys(file, path)
     except ValueError as err:

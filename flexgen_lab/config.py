@@ -23,7 +23,8 @@ DTYPES = (*TORCH_DTYPES, "auto")
 BACKENDS = ("measured", "simulated")
 SYSTEMS = ("flexgen_lab", "hf", "accelerate", "deepspeed")
 DISK_IO = ("direct", "buffered")
-PROMPT_SOURCES = ("synthetic", "text")
+PROMPT_SOURCES = ("synthetic", "text", "corpus")
+TOKENIZED = ("text", "corpus")  # prompt sources that need the model's tokenizer
 POLICY_KINDS = ("manual", "search")
 DISTRIBUTED = ("none", "pipeline")
 COST_MODELS = ("flexgen_lab", "flexgen-original")  # planner/cost_model.py implements each
@@ -49,7 +50,7 @@ def user_config_dir() -> Path:
 @dataclass
 class ModelConfig:
     name: str = "opt-125m"  # a preset from models/spec.py, or "local" with path
-    path: str | None = None  # a local Hugging Face directory (config.json + *.safetensors)
+    path: str | None = None  # a Hugging Face directory (config.json + *.safetensors) or .gguf
 
 
 @dataclass
@@ -122,7 +123,9 @@ class WorkloadConfig:
     prompt_len: int = 128
     gen_len: int = 32
     num_prompts: int | None = None  # null: one block (gpu_batch_size x num_gpu_batches)
-    prompts: str = "synthetic"  # synthetic (seeded random ids) | text (needs model.path)
+    prompts: str = "synthetic"  # synthetic (seeded ids) | text (built-in sentences) | corpus
+    prompt_text: str | None = None  # one prompt (every sequence), e.g. a question; a tokenizer
+    chat_template: bool = True  # format prompt_text with the tokenizer's chat template, if any
     varied_lengths: bool = False  # left-padded prompts of different lengths
     temperature: float = 0.0  # 0 = greedy
     stop_token: int | None = None
@@ -171,6 +174,20 @@ class SearchConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The `eval` command's text and cuts (flexgen_lab/evaluation.py): perplexity over n_windows
+    windows of window_len tokens (stride apart; null = window_len) and last-word accuracy on
+    `passages` passages of window_len tokens, each prefilled prefix_len tokens, then decoded."""
+
+    corpus: str | None = None  # a text file, one document per line; null: the fetched corpus
+    window_len: int = 64
+    stride: int | None = None
+    n_windows: int = 8
+    passages: int = 16
+    prefix_len: int = 16
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -184,6 +201,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cost_model: CostModelConfig = field(default_factory=CostModelConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     dtype: str = "auto"
     seed: int = 0
     trace: bool = False

@@ -261,6 +261,15 @@ def reproduce(args: list[str]) -> Path | None:
 
     opts = parse_options(args)
     exp = experiments.load(opts.experiment)
+    if exp.kind == "eval":  # accuracy rows (table5): run by the eval command's code
+        from flexgen_lab import eval_table
+
+        scale = exp.scale_for(opts.backend or "measured", opts.scale)
+        text, path = eval_table.reproduce(exp, scale, command_line(opts),
+                                          ResultStore(opts.store_path), opts.rerun, opts.only,
+                                          TABLES_DIR)
+        print(text)
+        return path
     scale = exp.scale_for(opts.backend, opts.scale)
     store = ResultStore(opts.store_path)
     planned = plan(exp, scale, opts, store)
@@ -308,6 +317,15 @@ def plot(args: list[str]) -> list[Path]:
 
     opts = parse_options(args)
     exp = experiments.load(opts.experiment)
+    if exp.kind == "eval":  # accuracy rows (table5): run by the eval command's code
+        from flexgen_lab import eval_table
+
+        scale = exp.scale_for(opts.backend or "measured", opts.scale)
+        text, path = eval_table.reproduce(exp, scale, command_line(opts),
+                                          ResultStore(opts.store_path), opts.rerun, opts.only,
+                                          TABLES_DIR)
+        print(text)
+        return path
     scale = exp.scale_for(opts.backend, opts.scale)
     store = ResultStore(opts.store_path)
     planned = plan(exp, scale, opts, store)

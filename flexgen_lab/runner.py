@@ -50,6 +50,7 @@ class RunResult:
     run_id: int
     row: dict
     generation: Generation | None  # None for a simulated run (no tokens)
+    texts: list[str] | None = None  # decoded answers, when the prompts came from a tokenizer
 
 
 def to_policy(cfg: RunConfig) -> Policy:
@@ -179,10 +180,39 @@ def metrics(gen: Generation, num_prompts: int, prompt_len: int, gen_len: int) ->
 
 
 def make_prompts(cfg: RunConfig, spec: ModelSpec, num_prompts: int):
+    """(ids, mask, tokenizer): the tokenizer is None for synthetic prompts. A question longer
+    than prompt_len, or a corpus not fetched, is a ConfigError (raised before any row)."""
     w = cfg.workload
-    if w.prompts == "text":
-        return workload.text_prompts(cfg.model.path, spec, num_prompts, w.prompt_len)
-    return workload.synthetic_prompts(spec, num_prompts, w.prompt_len, cfg.seed, w.varied_lengths)
+    if w.prompts == "synthetic" and w.prompt_text is None:
+        return (*workload.synthetic_prompts(spec, num_prompts, w.prompt_len, cfg.seed,
+                                            w.varied_lengths), None)
+    try:
+        tokenizer = workload.load_tokenizer(cfg.model.path)
+    except (OSError, ValueError) as err:  # no tokenizer files: nothing ran yet
+        raise ConfigError(f"model.path={cfg.model.path!r}: its tokenizer cannot be loaded "
+                          f"({err}); allowed: a model with a tokenizer, or "
+                          "workload.prompts=synthetic") from None
+    if w.prompt_text is not None:
+        made = workload.question_prompts(tokenizer, spec, num_prompts, w.prompt_len,
+                                         w.prompt_text, w.chat_template)
+    elif w.prompts == "corpus":
+        from flexgen_lab.corpus import corpus_path, load_documents
+
+        docs = load_documents(corpus_path(None, key="workload.prompts=corpus"))
+        made = workload.corpus_prompts(tokenizer, spec, num_prompts, w.prompt_len, cfg.seed, docs)
+    else:
+        made = workload.text_prompts(tokenizer, spec, num_prompts, w.prompt_len)
+    return (*made, tokenizer)
+
+
+def answers(tokenizer, spec: ModelSpec, output_ids: torch.Tensor) -> list[str]:
+    """Each sequence's generated text, up to its first end-of-sequence token."""
+    texts = []
+    for row in output_ids.tolist():
+        if spec.eos_token_id in row:
+            row = row[:row.index(spec.eos_token_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
 
 
 def searched(cfg: RunConfig, spec: ModelSpec, dtype: str, device: torch.device) -> RunConfig:
@@ -228,11 +258,13 @@ def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
     tracer = TraceRecorder() if cfg.trace else None
     if cfg.backend.name == "simulated":
         return _simulated(cfg, spec, dtype, store, row, tracer)
+    ids, mask, tokenizer = make_prompts(cfg, spec, cfg.workload.num_prompts
+                                        or to_policy(cfg).block_size)
     try:
         progress = ProgressBar(cfg, spec) if cfg.system.name == "flexgen_lab" else None
         with progress or contextlib.nullcontext():
-            gen, measured, ids, mask = _execute(cfg, spec, device, dtype, budgets,
-                                                chain(callbacks, tracer, progress))
+            gen, measured = _execute(cfg, spec, device, dtype, budgets, ids, mask,
+                                     chain(callbacks, tracer, progress))
     except BaseException as err:  # KeyboardInterrupt too: the row says how the run ended
         status = "oom" if type(err).__name__ == "BudgetExceeded" else "error"
         message = f"{type(err).__name__}: {err}"
@@ -243,7 +275,8 @@ def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
     tokens = [(n, prompt, out) for n, (prompt, out) in
               enumerate(zip(workload.unpadded(ids, mask), gen.output_ids.tolist(), strict=True))]
     run_id = store.record_run(row, tokens=tokens, trace=tracer.rows if tracer else None)
-    return RunResult(run_id, row, gen)
+    texts = answers(tokenizer, spec, gen.output_ids) if tokenizer is not None else None
+    return RunResult(run_id, row, gen, texts)
 
 
 def _simulated(cfg: RunConfig, spec: ModelSpec, dtype: str, store: ResultStore, row: dict,
@@ -281,11 +314,10 @@ def _simulated(cfg: RunConfig, spec: ModelSpec, dtype: str, store: ResultStore, 
 
 
 def _execute(cfg: RunConfig, spec: ModelSpec, device: torch.device, dtype: str,
-             budgets: dict[str, int], callbacks: Callbacks | None):
-    """Build weights, prompts and the system; generate once; measure memory around it."""
+             budgets: dict[str, int], ids: torch.Tensor, mask: torch.Tensor,
+             callbacks: Callbacks | None):
+    """Build weights and the system; generate once; measure memory around it."""
     policy = to_policy(cfg)
-    num_prompts = cfg.workload.num_prompts or policy.block_size
-    ids, mask = make_prompts(cfg, spec, num_prompts)
     weights = open_weights(spec.name, cfg.model.path, cfg.seed)
     torch_dtype = TORCH_DTYPES[dtype]
     extra: dict = {}
@@ -310,7 +342,7 @@ def _execute(cfg: RunConfig, spec: ModelSpec, device: torch.device, dtype: str,
     extra |= {"peak_rss_bytes": rss.peak_bytes,
               "peak_cuda_bytes": torch.cuda.max_memory_allocated(device)
               if device.type == "cuda" else None}
-    return gen, extra, ids, mask
+    return gen, extra
 
 
 def engine_columns(engine: Engine, tiers: Tiers, gen: Generation) -> dict:

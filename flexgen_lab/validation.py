@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 from flexgen_lab.config import (
@@ -24,6 +25,7 @@ from flexgen_lab.config import (
     PROMPT_SOURCES,
     SCHEDULES,
     SYSTEMS,
+    TOKENIZED,
     WEIGHT_CACHE,
     ConfigError,
     HardwareConfig,
@@ -31,6 +33,8 @@ from flexgen_lab.config import (
     PolicyConfig,
     RunConfig,
 )
+from flexgen_lab.fetch import ARTIFACTS, missing_hint
+from flexgen_lab.models.gguf import is_gguf, spec_from_gguf
 from flexgen_lab.models.spec import PRESETS, ModelSpec
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -96,6 +100,8 @@ def _positive(key: str, value: Any) -> list[str]:
 
 def model_spec(cfg: RunConfig) -> ModelSpec:
     """The model's shapes, from a preset or a local config.json (no weights are read)."""
+    if is_gguf(cfg.model.path):
+        return _gguf_spec(cfg)
     if cfg.model.path:
         try:
             return ModelSpec.from_hf_config(cfg.model.path)
@@ -107,6 +113,18 @@ def model_spec(cfg: RunConfig) -> ModelSpec:
         raise ConfigError(f"model.name={cfg.model.name!r}: allowed values are {sorted(PRESETS)}, "
                           "or model=local model.path=DIR")
     return ModelSpec.from_name(cfg.model.name)
+
+
+def _gguf_spec(cfg: RunConfig) -> ModelSpec:
+    """A .gguf file's shapes (its metadata); a fetched preset's missing file says what to run."""
+    name = cfg.model.name if cfg.model.name != "local" else None
+    if name in ARTIFACTS and not Path(cfg.model.path).is_file():
+        raise ConfigError(f"model={name}: model.path={cfg.model.path!r} does not exist; "
+                          f"{missing_hint(name)}")
+    try:
+        return spec_from_gguf(cfg.model.path, name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def validate(cfg: RunConfig) -> ModelSpec:
@@ -222,8 +240,11 @@ def _check_workload(cfg: RunConfig, spec: ModelSpec) -> list[str]:
     if w.num_prompts is not None and p.name == "manual" and block > 0 and w.num_prompts % block:
         out.append(f"workload.num_prompts={w.num_prompts}: must be a multiple of the block "
                    f"gpu_batch_size x num_gpu_batches = {block}")
-    if w.prompts == "text" and not cfg.model.path:
-        out.append("workload.prompts='text' needs a tokenizer: use model=local model.path=DIR")
+    if (w.prompts in TOKENIZED or w.prompt_text is not None) and not cfg.model.path:
+        what = (f"workload.prompts={w.prompts!r}" if w.prompt_text is None
+                else "workload.prompt_text")
+        out.append(f"{what} needs a tokenizer, and model={cfg.model.name} has none; allowed: "
+                   "model=smollm2-135m-instruct, or model.path=DIR or FILE.gguf")
     if w.stop_token is not None and not 0 <= w.stop_token < spec.vocab:
         out.append(f"workload.stop_token={w.stop_token}: must be a token id in [0, {spec.vocab})")
     return out + _check_prompt_bytes(cfg)

@@ -91,3 +91,43 @@ def tiny_reproductions(tmp_path_factory):
                              capture_output=True, text=True, timeout=300, cwd=where)
         assert out.returncode == 0, out.stderr[-3000:]
     return where
+
+
+def fetched(name: str):
+    """A fetched artifact's path (flexgen_lab/fetch.py). Missing: the test fails under CI=true
+    (CI runs the fetches first: `make test`), elsewhere it skips saying what to run."""
+    from flexgen_lab.fetch import artifact_path, missing_hint
+
+    path = artifact_path(name)
+    if not path.is_file():
+        message = f"{name} is not fetched: {missing_hint(name)}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct's GGUF weights (our reader) and its tokenizer."""
+    from flexgen_lab.models.gguf import GGUFWeights
+
+    weights = GGUFWeights(fetched("smollm2-135m-instruct"), name="smollm2-135m-instruct")
+    return weights, weights.tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """The reference: transformers' own Llama, loaded from the same file with gguf_file=."""
+    from transformers import AutoModelForCausalLM
+
+    path = fetched("smollm2-135m-instruct")
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def corpus_documents():
+    from flexgen_lab.corpus import load_documents
+
+    return load_documents(fetched("corpus"))

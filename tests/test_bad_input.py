@@ -92,6 +92,7 @@ LINES = [
     Line("run workload.stop_token=100000", 2, "workload.stop_token"),
     Line("run workload.prompts=corpus", 2, "workload.prompts"),
     Line("run workload.prompts=text", 2, "workload.prompts"),
+    Line("run workload.prompt_text=hello", 2, "workload.prompt_text"),
     Line("run seed=-1", 2, "seed"),
     Line("run seed=99999999999999999999", 2, "seed"),
     Line("run hardware.gpu_mem=-1", 2, "hardware.gpu_mem"),
@@ -121,6 +122,12 @@ LINES = [
     Line("run model=local model.path={pickle}", 2, "model.path"),
     Line("run model=local model.path={corrupt}", 2, "model.safetensors"),
     Line("run model=local model.path={truncated}", 2, "model.safetensors"),
+    Line("run model=local model.path={tmp}/missing.gguf", 2, "model.path"),
+    Line("run model=local model.path={text_gguf}", 2, "not a valid GGUF"),
+    Line("fetch", 2, "fetch"),
+    Line("eval model=opt-tiny", 2, "tokenizer"),
+    Line("eval model=opt-tiny eval.prefix_len=0", 2, "eval.prefix_len"),
+    Line("fetch gpt5", 2, "smollm2-135m-instruct"),
     # a bad value inside a multirun list: refused before the first job
     Line("run --multirun policy.gpu_batch_size=1,0", 2, "policy.gpu_batch_size=0"),
     Line("run --multirun seed=0,1 workload.temperature=0,nan", 2, "workload.temperature"),
@@ -199,12 +206,14 @@ def places(tmp_path: Path, model_dirs: dict) -> dict[str, str]:
     """The placeholders' paths; makes the files they name (and the store, with one row)."""
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "notes.txt").write_text("not a database\n")
+    (tmp_path / "notes.gguf").write_text("not a model\n")
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "empty.sqlite").write_bytes(b"")
     ResultStore(tmp_path / "r.sqlite").record_run({"status": "ok", "model": "earlier"})
     return {"tmp": str(tmp_path), "db": str(tmp_path / "r.sqlite"),
             "off": str(tmp_path / "off"), "dir": str(tmp_path / "a_dir"),
-            "text": str(tmp_path / "notes.txt"), "file": str(tmp_path / "a_file"),
+            "text": str(tmp_path / "notes.txt"), "text_gguf": str(tmp_path / "notes.gguf"),
+            "file": str(tmp_path / "a_file"),
             "empty": str(tmp_path / "empty.sqlite"),
             **{k: str(v) for k, v in model_dirs.items()}}
 

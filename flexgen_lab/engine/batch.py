@@ -16,6 +16,9 @@ class Sampling:
     temperature: float = 0.0
     seed: int = 0
     stop_token: int | None = None
+    # teacher forcing (the eval command): (num_prompts, gen_len) token ids emitted and fed
+    # back instead of sampled ones; on_logits still sees each step's logits
+    forced_ids: torch.Tensor | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -43,7 +46,7 @@ class BatchState:
     """One GPU batch's inputs, masks and outputs (b = gpu_batch_size); caches live in homes."""
 
     def __init__(self, ids: torch.Tensor, mask: torch.Tensor, gen_len: int,
-                 device: torch.device):
+                 device: torch.device, forced: torch.Tensor | None = None):
         b, prompt_len = ids.shape
         total = prompt_len + gen_len - 1  # the last generated token is never fed back
         self.prompt_len = prompt_len
@@ -54,6 +57,7 @@ class BatchState:
         self.outputs = torch.zeros(b, gen_len, dtype=torch.long)
         self.done = torch.zeros(b, dtype=torch.bool)
         self.mask: torch.Tensor | None = None  # (b, 1, t, s) for the current token step
+        self.forced = forced  # (b, gen_len) teacher-forced tokens, or None
 
     def window(self, token: int) -> tuple[int, int]:
         """(first query position, number of queries) for a token step."""
@@ -64,7 +68,9 @@ def pick_tokens(batch: BatchState, i: int, logits: torch.Tensor, sampling: Sampl
                 generator: torch.Generator, pad_id: int) -> None:
     """Token i for every sequence; a finished sequence keeps emitting padding."""
     logits = logits.float().cpu()
-    if sampling.temperature > 0:
+    if batch.forced is not None:
+        tokens = batch.forced[:, i].clone()
+    elif sampling.temperature > 0:
         probs = torch.softmax(logits / sampling.temperature, dim=-1)
         tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
     else:

@@ -141,8 +141,10 @@ class Engine:
         generator = torch.Generator().manual_seed(sampling.seed)
         outputs, prefill_s, decode_s = [], 0.0, 0.0
         for start in range(0, input_ids.shape[0], block):
+            forced = sampling.forced_ids
             batches = [BatchState(input_ids[s:s + b], attention_mask[s:s + b], gen_len,
-                                  self.device) for s in range(start, start + block, b)]
+                                  self.device, None if forced is None else forced[s:s + b])
+                       for s in range(start, start + block, b)]
             used = self.tiers.checkpoint()
             try:
                 p, d = BlockRun(self, batches, gen_len, sampling, generator, links).run()

@@ -149,7 +149,12 @@ class LocalWeights:
 
 
 def open_weights(spec_name: str, path: str | None, seed: int):
-    """The weight source for a run: local files when a path is given, else dummy weights."""
+    """The weight source for a run: a .gguf file or a local directory when a path is given,
+    else dummy weights."""
+    if path and str(path).endswith(".gguf"):
+        from flexgen_lab.models.gguf import GGUFWeights
+
+        return GGUFWeights(path, name=spec_name)
     if path:
         return LocalWeights(path)
     return DummyWeights(ModelSpec.from_name(spec_name), seed)

@@ -90,7 +90,7 @@ class Experiment:
     name: str
     title: str
     command: str
-    kind: str  # table | sweep
+    kind: str  # table | sweep | eval (accuracy rows run by `eval`: flexgen_lab/eval_table.py)
     scales: dict[str, Scale]
     columns: dict[str, dict]
     rows: list[dict]
@@ -202,7 +202,7 @@ def _build(name: str, data: dict, command: str, path: Path) -> Experiment:
     if missing:
         raise ConfigError(f"{path}: missing {', '.join(missing)}")
     kind = data.get("kind", "table")
-    rows = data.get("rows" if kind == "table" else "sweep", [])
+    rows = data.get("sweep" if kind == "sweep" else "rows", [])  # table | eval: rows
     scales = {n: Scale(n, s["backend"], list(s.get("overrides", [])), s.get("budgets"),
                        s.get("repeats"), s.get("block_scale"), s.get("predict_with"))
               for n, s in data["scales"].items()}

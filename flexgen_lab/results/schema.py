@@ -118,10 +118,30 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
 
 
+# One row per metric of an `eval` run (flexgen_lab/evaluation.py): how the text was cut is
+# stored with the value, and the corpus by its sha256.
+EVAL_COLUMNS: list[tuple[str, str]] = [
+    ("run_id", "INTEGER"),
+    ("metric", "TEXT"),  # perplexity | last_word_accuracy | scored_tokens | ...
+    ("value", "REAL"),
+    *[(name, "INTEGER") for name in ("window_len", "stride", "n_windows", "prefix_len")],
+    ("corpus_sha256", "TEXT"),
+]
+
+
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    """Version 3 adds table `evals` (accuracy of a run's approximations on real text)."""
+    columns = ", ".join(f"{name} {t}" for name, t in EVAL_COLUMNS[1:])
+    conn.execute("CREATE TABLE IF NOT EXISTS evals ("
+                 f" run_id INTEGER NOT NULL REFERENCES runs (run_id), {columns})")
+    conn.execute("CREATE INDEX IF NOT EXISTS evals_run_id ON evals (run_id)")
+
+
 # MIGRATIONS[v] takes a file from schema version v to v + 1. Append only; never edit one that
 # has shipped, since files already migrated by it will not run it again.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_0_to_1, _migrate_1_to_2]
-SCHEMA_VERSION = 2
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_0_to_1, _migrate_1_to_2,
+                                                         _migrate_2_to_3]
+SCHEMA_VERSION = 3
 assert SCHEMA_VERSION == len(MIGRATIONS), "bump SCHEMA_VERSION with every migration"
 
 

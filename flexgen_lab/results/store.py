@@ -27,6 +27,7 @@ from typing import Any, Self
 import pandas as pd
 
 from flexgen_lab.results.schema import (
+    EVAL_COLUMNS,
     MIGRATIONS,
     RUN_COLUMNS,
     SCHEMA_VERSION,
@@ -38,6 +39,7 @@ from flexgen_lab.results.schema import (
 _RUN_NAMES = [name for name, _ in RUN_COLUMNS]
 _WRITABLE_RUN_NAMES = frozenset(_RUN_NAMES) - {"run_id"}
 _TRACE_NAMES = [name for name, _ in TRACE_COLUMNS if name != "run_id"]
+_EVAL_NAMES = [name for name, _ in EVAL_COLUMNS if name != "run_id"]
 
 # Lock contention: busy_timeout makes SQLite wait by itself; the retry loop covers the cases
 # where SQLite reports "locked"/"busy" without waiting (WAL setup, schema changes, snapshots).
@@ -221,6 +223,7 @@ class ResultStore:
         row: dict[str, Any],
         tokens: list[tuple[int, list[int], list[int]]] | None = None,
         trace: list[dict[str, Any]] | None = None,
+        evals: list[dict[str, Any]] | None = None,
     ) -> int:
         """Insert one run with its tokens and trace in one transaction and return its run_id.
 
@@ -236,7 +239,8 @@ class ResultStore:
             for index, prompt, output in tokens or []
         ]
         trace_rows = [self._trace_values(event) for event in trace or []]
-        return _with_retry(lambda: self._insert_run(values, token_rows, trace_rows))
+        eval_rows = [tuple(_plain(e.get(name)) for name in _EVAL_NAMES) for e in evals or []]
+        return _with_retry(lambda: self._insert_run(values, token_rows, trace_rows, eval_rows))
 
     @staticmethod
     def _trace_values(event: dict[str, Any]) -> tuple[Any, ...]:
@@ -250,6 +254,7 @@ class ResultStore:
         values: dict[str, Any],
         token_rows: list[tuple[int, str, str]],
         trace_rows: list[tuple[Any, ...]],
+        eval_rows: list[tuple[Any, ...]] = (),
     ) -> int:
         names = list(values)
         placeholders = ", ".join("?" for _ in names)
@@ -270,6 +275,12 @@ class ResultStore:
                 f" VALUES ({trace_placeholders})",
                 [(run_id, *trace_row) for trace_row in trace_rows],
             )
+            if eval_rows:  # (an older schema, as tests pin, has no such table)
+                conn.executemany(
+                    f"INSERT INTO evals (run_id, {', '.join(_EVAL_NAMES)})"
+                    f" VALUES ({', '.join('?' for _ in range(len(_EVAL_NAMES) + 1))})",
+                    [(run_id, *eval_row) for eval_row in eval_rows],
+                )
         return run_id
 
     # -- reading ------------------------------------------------------------------------------
@@ -292,6 +303,14 @@ class ResultStore:
         query += " ORDER BY run_id"
         with self._reading() as conn:
             return pd.read_sql_query(query, conn, params=tuple(params))
+
+    def evals(self) -> pd.DataFrame:
+        """Table `evals` joined with each run's model, compress, bits, group and sparsity."""
+        query = ("SELECT e.*, r.model, r.compress, r.compress_bits, r.compress_group,"
+                 " r.attn_sparsity, r.status FROM evals e JOIN runs r USING (run_id)"
+                 " ORDER BY e.run_id")
+        with self._reading() as conn:
+            return pd.read_sql_query(query, conn)
 
     def tokens(self, run_id: int) -> list[tuple[int, list[int], list[int]]]:
         """(prompt_index, prompt_ids, output_ids) per prompt, in prompt order."""
