@@ -8,10 +8,16 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 
+import pandas as pd
 import pytest
 
 from flexgen_lab.results import store as store_module
-from flexgen_lab.results.schema import RUN_COLUMNS, RUN_COLUMNS_V1, RUN_COLUMNS_V2_ADDED
+from flexgen_lab.results.schema import (
+    RUN_COLUMNS,
+    RUN_COLUMNS_V1,
+    RUN_COLUMNS_V2_ADDED,
+    RUN_COLUMNS_V3_ADDED,
+)
 from flexgen_lab.results.store import ResultStore, SchemaTooNewError
 from flexgen_lab.results.tables import RECENT_COLUMNS, format_table, recent_runs
 
@@ -146,7 +152,7 @@ def test_version_zero_file_is_migrated_in_place(tmp_path):
         conn.execute("INSERT INTO runs VALUES (1, '2024-01-01T00:00:00+00:00', 'ok', 'a', 2.0)")
         conn.execute("INSERT INTO runs VALUES (2, '2024-01-02T00:00:00+00:00', 'oom', 'b', NULL)")
     store = ResultStore(path)
-    assert store.schema_version() == store_module.SCHEMA_VERSION == 2
+    assert store.schema_version() == store_module.SCHEMA_VERSION
     assert {name for name, _ in _table_columns(path, "runs")} == {name for name, _ in RUN_COLUMNS}
     runs = store.runs()
     assert list(runs["run_id"]) == [1, 2]
@@ -170,7 +176,8 @@ def test_registered_migration_runs_once_and_atomically(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="migration bug"):
         ResultStore(path)
     monkeypatch.undo()
-    assert ResultStore(path).schema_version() == 2  # rolled back: still version 2
+    current = store_module.SCHEMA_VERSION
+    assert ResultStore(path).schema_version() == current  # rolled back: still current
     assert "half_done" not in {name for name, _ in _table_columns(path, "runs")}
 
     def add_energy(conn):
@@ -178,11 +185,11 @@ def test_registered_migration_runs_once_and_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, add_energy])
     store = ResultStore(path)
-    assert store.schema_version() == 3
+    assert store.schema_version() == current + 1
     runs = store.runs()
     assert "energy_j" in runs.columns
     assert list(runs["run_id"]) == [run_id] and runs.iloc[0]["model"] == "opt-125m"
-    ResultStore(path)  # at version 3 already: add_energy must not run again (it would fail)
+    ResultStore(path)  # at current + 1 already: add_energy must not run again (it would fail)
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -190,7 +197,7 @@ def test_newer_schema_is_refused(tmp_path):
     ResultStore(path).record_run(_row())
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(SchemaTooNewError, match="schema_version 99.*up to 2"):
+    with pytest.raises(SchemaTooNewError, match=f"schema_version 99.*up to {store_module.SCHEMA_VERSION}"):
         ResultStore(path)
 
 
@@ -237,7 +244,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     for _, run in runs.iterrows():
         writer, i = (int(part) for part in run["config_hash"][1:].split("-"))
         assert store.tokens(int(run["run_id"])) == [(0, [writer, i], [i, writer])]
-    assert store.schema_version() == 2
+    assert store.schema_version() == store_module.SCHEMA_VERSION
 
 
 def test_version_1_file_gains_the_version_2_columns_and_keeps_its_rows(tmp_path, monkeypatch):
@@ -247,12 +254,29 @@ def test_version_1_file_gains_the_version_2_columns_and_keeps_its_rows(tmp_path,
     assert ResultStore(path).schema_version() == 1
     monkeypatch.undo()
     store = ResultStore(path)
-    assert store.schema_version() == 2
+    assert store.schema_version() == store_module.SCHEMA_VERSION
     names = {name for name, _ in _table_columns(path, "runs")}
     assert {name for name, _ in RUN_COLUMNS_V2_ADDED} <= names
     assert list(store.runs()["run_id"]) == [run_id]
     new_id = store.record_run({**_row(), "placement_json": "{}"})
     assert store.runs().set_index("run_id").loc[new_id, "placement_json"] == "{}"
+
+
+def test_version_2_file_gains_the_baseline_columns_and_keeps_its_rows(tmp_path, monkeypatch):
+    path = tmp_path / "results.sqlite"
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:2])
+    run_id = ResultStore(path).record_run(_row())
+    monkeypatch.undo()
+    store = ResultStore(path)
+    assert store.schema_version() >= 3
+    assert {name for name, _ in RUN_COLUMNS_V3_ADDED} <= {
+        name for name, _ in _table_columns(path, "runs")}
+    new_id = store.record_run({**_row(), "system_version": "accelerate 1.16.0",
+                               "peak_rss_file_bytes": 7})
+    runs = store.runs().set_index("run_id")
+    assert pd.isna(runs.loc[run_id, "system_version"])
+    assert runs.loc[new_id, "system_version"] == "accelerate 1.16.0"
+    assert runs.loc[new_id, "peak_rss_file_bytes"] == 7
 
 
 def test_recent_runs_and_format_table(tmp_path):
