@@ -289,9 +289,12 @@ def table(exp: Experiment, scale: Scale, planned: list[Planned], store: ResultSt
     """(frame, header) of what the store holds for the planned cells."""
     from flexgen_lab.results import report
 
+    from flexgen_lab.results.parity import tokens_equal
+
     extra: dict[str, dict] = {}
     for name, figures in (("ours_over_capacity_token_s", over_capacity(planned, store)),
-                          ("simulated_token_s", predictions(planned, store, scale))):
+                          ("simulated_token_s", predictions(planned, store, scale)),
+                          ("tokens_equal_ours", tokens_equal(exp, planned, store))):
         for config_hash, value in figures.items():
             extra.setdefault(config_hash, {})[name] = value
     frame = report.experiment_frame(exp, scale, planned, store, extra)
