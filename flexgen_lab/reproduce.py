@@ -288,7 +288,6 @@ def table(exp: Experiment, scale: Scale, planned: list[Planned], store: ResultSt
           args: list[str]):
     """(frame, header) of what the store holds for the planned cells."""
     from flexgen_lab.results import report
-
     from flexgen_lab.results.parity import tokens_equal
 
     extra: dict[str, dict] = {}
