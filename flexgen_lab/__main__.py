@@ -114,7 +114,8 @@ def _summary(result, store_path: str) -> str:
             f"generation {r['generation_throughput']:.2f} token/s, "
             f"prefill {r['prefill_throughput']:.1f} token/s ({r['prefill_s']:.3f} s), "
             f"decode {r['decode_throughput'] or 0:.2f} token/s ({r['decode_s']:.3f} s) "
-            f"[{r['backend']}, {_threads()} torch threads]\n"
+            f"[{r['backend']}]"
+            + (f" ({_threads()} torch threads)" if r["backend"] == "measured" else "") + "\n"
             f"stored as run_id {result.run_id} in {store_path}")
 
 
