@@ -104,6 +104,13 @@ def _run_task(cfg) -> dict:
     return result.row
 
 
+def _threads() -> int:
+    """torch's intra-op threads: every system of one machine runs with the same number."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _summary(result, store_path: str) -> str:
     r = result.row
     where = (f"simulated on hardware={r['hardware']}" if r["backend"] == "simulated"
@@ -113,7 +120,9 @@ def _summary(result, store_path: str) -> str:
             f"generation {r['generation_throughput']:.2f} token/s, "
             f"prefill {r['prefill_throughput']:.1f} token/s ({r['prefill_s']:.3f} s), "
             f"decode {r['decode_throughput'] or 0:.2f} token/s ({r['decode_s']:.3f} s) "
-            f"[{r['backend']}]\nstored as run_id {result.run_id} in {store_path}")
+            f"[{r['backend']}]"
+            + (f" ({_threads()} torch threads)" if r["backend"] == "measured" else "") + "\n"
+            f"stored as run_id {result.run_id} in {store_path}")
 
 
 def _search_task(cfg) -> None:

@@ -23,6 +23,7 @@ from flexgen_lab.results.store import StoreError, check_path
 from flexgen_lab.validation import parse_budgets, validate
 
 SIMULATED = torch.device("meta")  # backend=simulated computes nothing on any device
+SYSTEMS = ("flexgen_lab", "hf", "accelerate", "deepspeed")  # system=llamacpp: not built yet
 
 
 class NotBuiltError(ConfigError):
@@ -46,14 +47,30 @@ def check_built(cfg: RunConfig) -> None:
     if cfg.backend.name == "simulated" and cfg.system.name != "flexgen_lab":
         raise ConfigError(f"backend=simulated with system={cfg.system.name}: the simulator "
                           "times flexgen_lab's op stream; allowed: system=flexgen_lab")
+    if cfg.system.name == "deepspeed" and cfg.backend.name == "measured":
+        check_deepspeed()
     missing = []
-    if cfg.system.name not in ("flexgen_lab", "hf"):
+    if cfg.system.name not in SYSTEMS:
         missing.append(f"system={cfg.system.name} (that baseline)")
     if cfg.distributed.name != "none":
         missing.append(f"distributed={cfg.distributed.name} (pipeline parallelism)")
     if missing:
         raise NotBuiltError("not built yet: " + "; ".join(missing) + "; allowed: "
-                            "system=flexgen_lab|hf, distributed=none")
+                            f"system={'|'.join(SYSTEMS)}, distributed=none")
+
+
+def check_deepspeed() -> None:
+    """system=deepspeed runs ZeRO-Inference, which needs a CUDA device and the extra."""
+    if not torch.cuda.is_available():
+        raise ConfigError("system=deepspeed needs CUDA (DeepSpeed ZeRO-Inference runs on a CUDA "
+                          "GPU) and this machine has no CUDA device; allowed here: "
+                          "system=flexgen_lab|hf|accelerate, or conf/policy/deepspeed-* in our "
+                          "engine (the labelled stand-in)")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise ConfigError("system=deepspeed needs the deepspeed package: pip install "
+                          "'flexgen_lab[deepspeed]'") from None
 
 
 def check_budgets(cfg: RunConfig, device: torch.device) -> dict[str, int]:
@@ -126,9 +143,10 @@ def check_paths(cfg: RunConfig) -> None:
         check_path(cfg.store.path)
     except StoreError as err:
         raise ConfigError(str(err)) from None
-    if uses_disk(cfg):
+    baseline = cfg.backend.name == "measured" and cfg.system.name in ("accelerate", "deepspeed")
+    if uses_disk(cfg) or baseline:  # a baseline's export and offload folder: page cache
         try:
-            probe(cfg.engine.offload_dir, cfg.engine.disk_io)
+            probe(cfg.engine.offload_dir, "buffered" if baseline else cfg.engine.disk_io)
         except OSError as err:
             raise ConfigError(f"engine.offload_dir={cfg.engine.offload_dir!r}: "
                               f"{err.strerror or err}; allowed: a writable directory on a "

@@ -24,6 +24,7 @@ from flexgen_lab.compose import compose_run_config, load_profile
 from flexgen_lab.config import ConfigError, RunConfig
 from flexgen_lab.results import experiment as experiments
 from flexgen_lab.results.experiment import Cell, Experiment, Scale
+from flexgen_lab.results.parity import tokens_equal
 from flexgen_lab.results.store import ResultStore
 from flexgen_lab.runner import NotBuiltError, RunFailed, git_commit, requested_hash, run
 from flexgen_lab.units import TORCH_DTYPES
@@ -300,7 +301,8 @@ def table(exp: Experiment, scale: Scale, planned: list[Planned], store: ResultSt
 
     extra: dict[str, dict] = {}
     for name, figures in (("ours_over_capacity_token_s", over_capacity(planned, store)),
-                          ("simulated_token_s", predictions(planned, store, scale))):
+                          ("simulated_token_s", predictions(planned, store, scale)),
+                          ("tokens_equal_ours", tokens_equal(exp, planned, store))):
         for config_hash, value in figures.items():
             extra.setdefault(config_hash, {})[name] = value
     frame = report.experiment_frame(exp, scale, planned, store, extra)

@@ -330,6 +330,10 @@ def _execute(cfg: RunConfig, spec: ModelSpec, device: torch.device, dtype: str,
             model = hf_generate.hf_model(spec, weights, torch_dtype, device)
             gen = hf_generate.generate(model, ids, mask, cfg.workload.gen_len,
                                        policy.gpu_batch_size)
+        elif cfg.system.name in OFFLOADING_BASELINES:  # they measure their own memory
+            gen, extra = OFFLOADING_BASELINES[cfg.system.name]().run(
+                spec, weights, ids, mask, cfg.workload.gen_len, policy.gpu_batch_size, device,
+                torch_dtype, budgets, cfg.engine.offload_dir)
         else:
             tiers = Tiers(budgets["gpu"], budgets["cpu"], budgets["disk"], device,
                           policy.pin_memory)
@@ -339,10 +343,28 @@ def _execute(cfg: RunConfig, spec: ModelSpec, device: torch.device, dtype: str,
                         io_workers(cfg, device), cfg.engine.weight_cache) as engine:
                 gen = engine.generate(ids, mask, cfg.workload.gen_len, sampling)
                 extra = engine_columns(engine, tiers, gen)
-    extra |= {"peak_rss_bytes": rss.peak_bytes,
-              "peak_cuda_bytes": torch.cuda.max_memory_allocated(device)
-              if device.type == "cuda" else None}
+    # a baseline that measures its own memory (RssAnon / RssFile, CUDA) keeps its figures
+    extra = {"peak_rss_bytes": rss.peak_bytes,
+             "peak_cuda_bytes": torch.cuda.max_memory_allocated(device)
+             if device.type == "cuda" else None} | extra
     return gen, extra
+
+
+def _accelerate():
+    from flexgen_lab.baselines import accelerate_offload
+
+    return accelerate_offload
+
+
+def _deepspeed():
+    from flexgen_lab.baselines import deepspeed_zero
+
+    return deepspeed_zero
+
+
+# Baselines that load a checkpoint under the run's budgets: system name -> its module (each
+# has run(spec, weights, ids, mask, gen_len, batch, device, dtype, budgets, offload_dir)).
+OFFLOADING_BASELINES = {"accelerate": _accelerate, "deepspeed": _deepspeed}
 
 
 def engine_columns(engine: Engine, tiers: Tiers, gen: Generation) -> dict:

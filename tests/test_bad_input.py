@@ -105,7 +105,6 @@ LINES = [
          "hardware.bw_cpu_to_gpu"),
     # options that exist but do not fit together, or are not built
     Line("run backend=simulated hardware=local", 2, "hardware=local"),
-    Line("run system=accelerate", 2, "system=accelerate"),
     Line("run distributed=pipeline", 2, "distributed=pipeline"),
     Line("run engine.disk_io=mmap", 2, "engine.disk_io"),
     Line("run engine.weight_cache=sometimes", 2, "engine.weight_cache"),

@@ -80,9 +80,11 @@ class _StepClock:
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen_len: int,
-             batch_size: int) -> Generation:
-    """Greedy generation of exactly gen_len tokens per prompt, batch by batch, timed as ours."""
-    device = next(model.parameters()).device
+             batch_size: int, device: torch.device | None = None) -> Generation:
+    """Greedy generation of exactly gen_len tokens per prompt, batch by batch, timed as ours.
+    `device` is where inputs go (by default the first parameter's: a dispatched model's may be
+    on the meta device, offloaded)."""
+    device = device or next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     outputs, prefill_s, decode_s = [], 0.0, 0.0
     for s in range(0, input_ids.shape[0], batch_size):

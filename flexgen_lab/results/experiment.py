@@ -25,6 +25,7 @@ rows, per column; nothing of the paper is written in code.
         note: "..."                              # printed beside the row
         scales: [paper]                          # only at these scales (default: all)
         runs: false                              # a row no system here can run (paper only)
+    tokens_reference: FlexGen   # other systems' cells say whether their tokens equal its
 
 `kind: sweep` experiments (figures) take their cells from `sweep`: a list of rows with the
 same fields, each with a `values` list crossed with a `key` (e.g. policy.gpu_batch_size).
@@ -99,6 +100,7 @@ class Experiment:
     plots: list[str] = field(default_factory=list)
     sweep_key: str | None = None
     paper_points: list[dict] = field(default_factory=list)  # figure points (from the paper)
+    tokens_reference: str | None = None  # the row other systems' tokens are compared with
 
     def scale_for(self, backend: str | None, scale: str | None) -> Scale:
         """reproduce.scale, else the scale whose backend is the one asked (paper for
@@ -219,7 +221,7 @@ def _build(name: str, data: dict, command: str, path: Path) -> Experiment:
     return Experiment(name, data["title"], command, kind, scales, data["columns"], rows,
                       data.get("baseline_row"), data.get("ranked_rows", []),
                       data.get("plots", []), data.get("sweep_key"),
-                      data.get("paper_points", []))
+                      data.get("paper_points", []), data.get("tokens_reference"))
 
 
 def tied_ranking(values: dict[str, float], tie: float = 0.05) -> list[list[str]]:

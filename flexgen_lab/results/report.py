@@ -179,6 +179,8 @@ def format_experiment(frame: pd.DataFrame, exp: Experiment, meta: dict) -> str:
         cols += ["spread", "vs baseline", "paper vs baseline"]
     if "simulated_token_s" in frame and frame.simulated_token_s.notna().any():
         cols.insert(cols.index("status"), "simulated token/s")
+    if "tokens_equal_ours" in frame and frame.tokens_equal_ours.notna().any():
+        cols.append("tokens = ours")  # baselines' tokens against exp.tokens_reference's
     if not exp.baseline_row:
         cols = [c for c in cols if "baseline" not in c]
     if frame.paper_token_s.isna().all() and not frame.paper_oom.any():
@@ -196,7 +198,8 @@ def format_experiment(frame: pd.DataFrame, exp: Experiment, meta: dict) -> str:
                  "ours/paper": _fmt(getattr(r, "ratio", None), 2), "status": _status_text(r),
                  "spread": _spread(r), "vs baseline": _fmt(getattr(r, "relative", None), 2),
                  "paper vs baseline": _fmt(getattr(r, "paper_relative", None), 2),
-                 "simulated token/s": _fmt(getattr(r, "simulated_token_s", None))}
+                 "simulated token/s": _fmt(getattr(r, "simulated_token_s", None)),
+                 "tokens = ours": _yes_no(getattr(r, "tokens_equal_ours", None))}
         lines.append("| " + " | ".join(cells[c] for c in cols) + " |")
     foot = [""] + [f"[{n}] {text}" for n, text in enumerate(notes, 1)]
     said: dict[tuple[str, str], list[str]] = {}  # (row, what) -> columns
@@ -205,6 +208,10 @@ def format_experiment(frame: pd.DataFrame, exp: Experiment, meta: dict) -> str:
             said.setdefault((r.row, f"{r.status}: {r.message}"), []).append(r.column)
     messages = [f"- {row} ({', '.join(cols)}): {what}" for (row, what), cols in said.items()]
     return "\n".join(head + lines + foot + messages + _summary(frame, exp, measured))
+
+
+def _yes_no(value) -> str:
+    return "-" if not _good(value) else "yes" if value else "no"
 
 
 def _spread(r) -> str:

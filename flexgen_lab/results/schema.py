@@ -51,7 +51,11 @@ RUN_COLUMNS_V1: list[tuple[str, str]] = [
 # Added by schema version 2 (migration _migrate_1_to_2).
 RUN_COLUMNS_V2_ADDED: list[tuple[str, str]] = [("placement_json", "TEXT"),
                                                ("link_bytes_json", "TEXT")]
-RUN_COLUMNS = RUN_COLUMNS_V1 + RUN_COLUMNS_V2_ADDED
+# Added by schema version 4 (migration _migrate_3_to_4): what a baseline system reports.
+RUN_COLUMNS_V4_ADDED: list[tuple[str, str]] = [("system_version", "TEXT"),
+                                               ("peak_rss_anon_bytes", "INTEGER"),
+                                               ("peak_rss_file_bytes", "INTEGER")]
+RUN_COLUMNS = RUN_COLUMNS_V1 + RUN_COLUMNS_V2_ADDED + RUN_COLUMNS_V4_ADDED
 
 # Constraints beside the plain types, kept apart so RUN_COLUMNS reads like PRAGMA table_info.
 _RUN_CONSTRAINTS = {
@@ -86,6 +90,14 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     """Version 2 adds what the offloading engine reports beyond the flat columns: placement
     asked vs achieved per kind and tier, and bytes per link split by phase (both JSON)."""
     for name, sql_type in RUN_COLUMNS_V2_ADDED:
+        conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {sql_type}")
+
+
+def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
+    """Version 4 adds what a baseline system reports (baselines/): the versions of the
+    libraries it ran on (e.g. "accelerate 1.16.0; transformers 5.25.0"), and its peak resident
+    memory split into anonymous and file-backed pages (mapped weights are the latter)."""
+    for name, sql_type in RUN_COLUMNS_V4_ADDED:
         conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {sql_type}")
 
 
@@ -140,8 +152,8 @@ def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
 # MIGRATIONS[v] takes a file from schema version v to v + 1. Append only; never edit one that
 # has shipped, since files already migrated by it will not run it again.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_0_to_1, _migrate_1_to_2,
-                                                         _migrate_2_to_3]
-SCHEMA_VERSION = 3
+                                                         _migrate_2_to_3, _migrate_3_to_4]
+SCHEMA_VERSION = 4
 assert SCHEMA_VERSION == len(MIGRATIONS), "bump SCHEMA_VERSION with every migration"
 
 

@@ -8,10 +8,16 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 
+import pandas as pd
 import pytest
 
 from flexgen_lab.results import store as store_module
-from flexgen_lab.results.schema import RUN_COLUMNS, RUN_COLUMNS_V1, RUN_COLUMNS_V2_ADDED
+from flexgen_lab.results.schema import (
+    RUN_COLUMNS,
+    RUN_COLUMNS_V1,
+    RUN_COLUMNS_V2_ADDED,
+    RUN_COLUMNS_V4_ADDED,
+)
 from flexgen_lab.results.store import ResultStore, SchemaTooNewError
 from flexgen_lab.results.tables import RECENT_COLUMNS, format_table, recent_runs
 
@@ -170,7 +176,8 @@ def test_registered_migration_runs_once_and_atomically(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="migration bug"):
         ResultStore(path)
     monkeypatch.undo()
-    assert ResultStore(path).schema_version() == store_module.SCHEMA_VERSION  # rolled back
+    current = store_module.SCHEMA_VERSION
+    assert ResultStore(path).schema_version() == current  # rolled back: still current
     assert "half_done" not in {name for name, _ in _table_columns(path, "runs")}
 
     def add_energy(conn):
@@ -178,11 +185,11 @@ def test_registered_migration_runs_once_and_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store_module, "MIGRATIONS", [*store_module.MIGRATIONS, add_energy])
     store = ResultStore(path)
-    assert store.schema_version() == store_module.SCHEMA_VERSION + 1
+    assert store.schema_version() == current + 1
     runs = store.runs()
     assert "energy_j" in runs.columns
     assert list(runs["run_id"]) == [run_id] and runs.iloc[0]["model"] == "opt-125m"
-    ResultStore(path)  # at the new version already: add_energy must not run again (it would fail)
+    ResultStore(path)  # at current + 1 already: add_energy must not run again (it would fail)
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -262,7 +269,7 @@ def test_version_2_file_gains_evals_and_an_eval_is_one_transaction(tmp_path, mon
     assert ResultStore(path).schema_version() == 2
     monkeypatch.undo()
     store = ResultStore(path)
-    assert store.schema_version() == 3 and store.evals().empty
+    assert store.schema_version() == store_module.SCHEMA_VERSION and store.evals().empty
     metric = dict(metric="perplexity", value=12.5, window_len=64, stride=64, n_windows=8,
                   prefix_len=16, corpus_sha256="ab" * 32)
     new_id = store.record_run(_row(), evals=[metric])
@@ -271,6 +278,23 @@ def test_version_2_file_gains_evals_and_an_eval_is_one_transaction(tmp_path, mon
     with pytest.raises(ValueError):  # a bad run row stores no eval row either
         store.record_run({**_row(), "nonsense": 1}, evals=[metric])
     assert len(store.evals()) == 1
+
+
+def test_version_3_file_gains_the_baseline_columns_and_keeps_its_rows(tmp_path, monkeypatch):
+    path = tmp_path / "results.sqlite"
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:3])
+    run_id = ResultStore(path).record_run(_row())
+    monkeypatch.undo()
+    store = ResultStore(path)
+    assert store.schema_version() >= 4
+    assert {name for name, _ in RUN_COLUMNS_V4_ADDED} <= {
+        name for name, _ in _table_columns(path, "runs")}
+    new_id = store.record_run({**_row(), "system_version": "accelerate 1.16.0",
+                               "peak_rss_file_bytes": 7})
+    runs = store.runs().set_index("run_id")
+    assert pd.isna(runs.loc[run_id, "system_version"])
+    assert runs.loc[new_id, "system_version"] == "accelerate 1.16.0"
+    assert runs.loc[new_id, "peak_rss_file_bytes"] == 7
 
 
 def test_recent_runs_and_format_table(tmp_path):
