@@ -117,22 +117,13 @@ def config_columns(cfg: RunConfig, spec: ModelSpec, dtype: str, device: torch.de
                    budgets: dict[str, int]) -> dict:
     """The store's flat config columns (the whole config also goes in config_json)."""
     p = to_policy(cfg)
-    block = p.block_size
-    compress = ("weight+cache" if p.compress_weight and p.compress_cache else
-                "weight" if p.compress_weight else "cache" if p.compress_cache else "none")
-    return dict(
+    return p.store_columns() | dict(
         config_hash=config_hash(cfg, dtype, device_name(device)),
         config_json=json.dumps(dataclasses.asdict(cfg)),
         system=cfg.system.name, backend=cfg.backend.name, device=device_name(device),
         hardware=cfg.hardware.name, dtype=dtype, seed=cfg.seed, model=spec.name,
-        schedule=cfg.schedule.name, compress=compress, compress_bits=p.compress_bits,
-        compress_group=p.compress_group_size, prompt_len=cfg.workload.prompt_len,
-        gen_len=cfg.workload.gen_len, num_prompts=cfg.workload.num_prompts or block,
-        gpu_batch_size=p.gpu_batch_size, num_gpu_batches=p.num_gpu_batches,
-        w_gpu=p.weights.gpu, w_cpu=p.weights.cpu, w_disk=p.weights.disk,
-        c_gpu=p.cache.gpu, c_cpu=p.cache.cpu, c_disk=p.cache.disk,
-        a_gpu=p.activations.gpu, a_cpu=p.activations.cpu, a_disk=p.activations.disk,
-        cpu_delegation=p.cpu_delegation, overlap=p.overlap, attn_sparsity=p.attn_sparsity,
+        schedule=cfg.schedule.name, prompt_len=cfg.workload.prompt_len,
+        gen_len=cfg.workload.gen_len, num_prompts=cfg.workload.num_prompts or p.block_size,
         gpu_budget_bytes=budgets["gpu"], cpu_budget_bytes=budgets["cpu"],
         disk_budget_bytes=budgets["disk"], version=__version__, git_commit=git_commit(),
     )

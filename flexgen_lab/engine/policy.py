@@ -58,3 +58,36 @@ class Policy:
         """Anything placed on the disk tier (the engine's test for a weight cache, scratch
         files and bounce buffers)."""
         return any(p.disk > 0 for p in (self.weights, self.cache, self.activations))
+
+    @property
+    def compress_label(self) -> str:
+        """The store's `compress` column: none, weight, cache or weight+cache."""
+        kinds = [k for k, on in (("weight", self.compress_weight),
+                                 ("cache", self.compress_cache)) if on]
+        return "+".join(kinds) or "none"
+
+    def store_columns(self) -> dict:
+        """The store's policy columns (docs/architecture.md, store schema)."""
+        return dict(
+            compress=self.compress_label, compress_bits=self.compress_bits,
+            compress_group=self.compress_group_size, gpu_batch_size=self.gpu_batch_size,
+            num_gpu_batches=self.num_gpu_batches,
+            **{f"{prefix}_{tier}": getattr(getattr(self, kind), tier)
+               for kind, prefix in (("weights", "w"), ("cache", "c"), ("activations", "a"))
+               for tier in ("gpu", "cpu", "disk")},
+            cpu_delegation=self.cpu_delegation, overlap=self.overlap,
+            attn_sparsity=self.attn_sparsity)
+
+    @staticmethod
+    def from_store_row(row) -> Policy:
+        """The policy a stored run ran (the inverse of store_columns)."""
+        return Policy(
+            gpu_batch_size=int(row["gpu_batch_size"]),
+            num_gpu_batches=int(row["num_gpu_batches"]),
+            weights=Placement(row["w_gpu"], row["w_cpu"]),
+            cache=Placement(row["c_gpu"], row["c_cpu"]),
+            activations=Placement(row["a_gpu"], row["a_cpu"]), overlap=bool(row["overlap"]),
+            cpu_delegation=bool(row["cpu_delegation"]), attn_sparsity=float(row["attn_sparsity"]),
+            compress_weight="weight" in row["compress"],
+            compress_cache="cache" in row["compress"], compress_bits=int(row["compress_bits"]),
+            compress_group_size=int(row["compress_group"]))

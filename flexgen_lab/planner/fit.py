@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import least_squares
 
-from flexgen_lab.engine.policy import Placement, Policy
+from flexgen_lab.engine.policy import Policy
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import predict
@@ -186,14 +186,7 @@ def observation_from_row(row: dict) -> Observation:
     model = config["model"]
     spec = (ModelSpec.from_hf_config(model["path"]) if model.get("path")
             else ModelSpec.from_name(row["model"]))
-    policy = Policy(
-        gpu_batch_size=int(row["gpu_batch_size"]), num_gpu_batches=int(row["num_gpu_batches"]),
-        weights=Placement(row["w_gpu"], row["w_cpu"]), cache=Placement(row["c_gpu"], row["c_cpu"]),
-        activations=Placement(row["a_gpu"], row["a_cpu"]), overlap=bool(row["overlap"]),
-        cpu_delegation=bool(row["cpu_delegation"]), attn_sparsity=float(row["attn_sparsity"]),
-        compress_weight=row["compress"] in ("weight", "weight+cache"),
-        compress_cache=row["compress"] in ("cache", "weight+cache"),
-        compress_bits=int(row["compress_bits"]), compress_group_size=int(row["compress_group"]))
+    policy = Policy.from_store_row(row)
     dtype_bytes = TORCH_DTYPES[row["dtype"]].itemsize
     return Observation(spec, policy, row["schedule"], int(row["prompt_len"]),
                        int(row["gen_len"]), int(row["num_prompts"]), dtype_bytes,
