@@ -148,8 +148,14 @@ class SystemConfig:
 
 @dataclass
 class DistributedConfig:
+    """distributed=pipeline splits the layers over `stages` processes (flexgen_lab/pipeline/);
+    `micro_blocks` blocks are in flight at once (null: as many as stages), and every
+    collective gives up after timeout_s seconds."""
+
     name: str = "none"
-    world_size: int = 1
+    stages: int = 1
+    micro_blocks: int | None = None
+    timeout_s: float = 60.0
 
 
 @dataclass

@@ -164,7 +164,7 @@ def _check_sizes(cfg: RunConfig) -> list[str]:
     out = (_positive("workload.prompt_len", w.prompt_len) + _positive("workload.gen_len", w.gen_len)
            + _positive("policy.gpu_batch_size", p.gpu_batch_size)
            + _positive("policy.num_gpu_batches", p.num_gpu_batches)
-           + _positive("distributed.world_size", cfg.distributed.world_size)
+           + _check_distributed(cfg)
            + _positive_or_null("engine.io_workers", cfg.engine.io_workers)
            + _positive_or_null("hardware.io_workers", cfg.hardware.io_workers))
     if w.num_prompts is not None:
@@ -183,6 +183,19 @@ def _check_sizes(cfg: RunConfig) -> list[str]:
         out.append(f"engine.offload_dir={cfg.engine.offload_dir!r}: must name a directory "
                    "(the disk tier's files go there), e.g. results/offload")
     return out + _check_counts(cfg)
+
+
+def _check_distributed(cfg: RunConfig) -> list[str]:
+    d = cfg.distributed
+    out = (_positive("distributed.stages", d.stages)
+           + _positive_or_null("distributed.micro_blocks", d.micro_blocks))
+    if not (isinstance(d.timeout_s, int | float) and math.isfinite(d.timeout_s)
+            and d.timeout_s > 0):
+        out.append(f"distributed.timeout_s={d.timeout_s!r}: must be a number of seconds > 0")
+    if d.name == "none" and d.stages != 1:
+        out.append(f"distributed.stages={d.stages!r} with distributed=none: one process is one "
+                   "stage; allowed: distributed.stages=1, or distributed=pipeline")
+    return out
 
 
 def _check_counts(cfg: RunConfig) -> list[str]:
@@ -232,6 +245,10 @@ def _check_placement(key: str, part: PlacementConfig) -> list[str]:
 def _check_workload(cfg: RunConfig, spec: ModelSpec) -> list[str]:
     w, p = cfg.workload, cfg.policy
     out = []
+    stages = cfg.distributed.stages
+    if isinstance(stages, int) and stages > spec.num_layers:
+        out.append(f"distributed.stages={stages}: at most one stage per decoder layer "
+                   f"({spec.name} has {spec.num_layers})")
     if isinstance(w.prompt_len, int) and isinstance(w.gen_len, int):
         if w.prompt_len + w.gen_len > spec.max_positions:
             out.append(f"workload.prompt_len + workload.gen_len = {w.prompt_len + w.gen_len}: "

@@ -55,7 +55,10 @@ RUN_COLUMNS_V2_ADDED: list[tuple[str, str]] = [("placement_json", "TEXT"),
 RUN_COLUMNS_V4_ADDED: list[tuple[str, str]] = [("system_version", "TEXT"),
                                                ("peak_rss_anon_bytes", "INTEGER"),
                                                ("peak_rss_file_bytes", "INTEGER")]
-RUN_COLUMNS = RUN_COLUMNS_V1 + RUN_COLUMNS_V2_ADDED + RUN_COLUMNS_V4_ADDED
+# Added by schema version 5 (migration _migrate_4_to_5): pipeline stages of the run (1 alone).
+RUN_COLUMNS_V5_ADDED: list[tuple[str, str]] = [("num_stages", "INTEGER")]
+RUN_COLUMNS = (RUN_COLUMNS_V1 + RUN_COLUMNS_V2_ADDED + RUN_COLUMNS_V4_ADDED
+               + RUN_COLUMNS_V5_ADDED)
 
 # Constraints beside the plain types, kept apart so RUN_COLUMNS reads like PRAGMA table_info.
 _RUN_CONSTRAINTS = {
@@ -149,11 +152,34 @@ def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS evals_run_id ON evals (run_id)")
 
 
+# One row per pipeline stage of a distributed=pipeline run (rank 0 writes them with the run):
+# its decoder layers ("first-last", 0-based, inclusive), bytes per link including what it
+# sent to the next stage, its accounted peaks per tier and its process's peak RSS.
+STAGE_COLUMNS: list[tuple[str, str]] = [
+    *[(name, "INTEGER") for name in ("run_id", "stage", "rank")],
+    ("layers", "TEXT"),
+    *[(f"bytes_{link}", "INTEGER") for link in ("cpu_to_gpu", "gpu_to_cpu", "disk_to_cpu",
+                                                 "cpu_to_disk", "network")],
+    *[(f"peak_{tier}_bytes", "INTEGER") for tier in ("gpu", "cpu", "disk", "rss")],
+]
+
+
+def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
+    """Version 5 adds `runs.num_stages` and table `stages` (pipeline parallel runs)."""
+    for name, sql_type in RUN_COLUMNS_V5_ADDED:
+        conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {sql_type}")
+    columns = ", ".join(f"{name} {t}" for name, t in STAGE_COLUMNS[1:])
+    conn.execute("CREATE TABLE IF NOT EXISTS stages ("
+                 f" run_id INTEGER NOT NULL REFERENCES runs (run_id), {columns})")
+    conn.execute("CREATE INDEX IF NOT EXISTS stages_run_id ON stages (run_id)")
+
+
 # MIGRATIONS[v] takes a file from schema version v to v + 1. Append only; never edit one that
 # has shipped, since files already migrated by it will not run it again.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_0_to_1, _migrate_1_to_2,
-                                                         _migrate_2_to_3, _migrate_3_to_4]
-SCHEMA_VERSION = 4
+                                                         _migrate_2_to_3, _migrate_3_to_4,
+                                                         _migrate_4_to_5]
+SCHEMA_VERSION = 5
 assert SCHEMA_VERSION == len(MIGRATIONS), "bump SCHEMA_VERSION with every migration"
 
 

@@ -310,3 +310,16 @@ def test_recent_runs_and_format_table(tmp_path):
     assert "3.00 GiB" in text and "1234.6" in text and "0.0123" in text
     assert "x" * 58 not in text  # long errors are cut
     assert "opt-125m" in text and " 8 " in text
+
+
+def test_version_4_file_gains_num_stages_and_the_stages_table(tmp_path, monkeypatch):
+    path = tmp_path / "v4.sqlite"
+    monkeypatch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:4])
+    run_id = ResultStore(path).record_run(_row())
+    monkeypatch.undo()
+    store = ResultStore(path)
+    assert store.schema_version() >= 5
+    columns = {name for name, _ in _table_columns(path, "stages")}
+    assert {"run_id", "stage", "rank", "layers", "bytes_network", "peak_rss_bytes"} <= columns
+    runs = store.runs().set_index("run_id")
+    assert pd.isna(runs.loc[run_id, "num_stages"])
