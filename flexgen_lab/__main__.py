@@ -97,11 +97,23 @@ def _run_task(cfg) -> dict:
     except ConfigError as err:
         _job_failed(str(err), 2)
     except RunFailed as err:
-        _job_failed(f"run failed ({err.status}, stored as run_id {err.run_id}): {err}", 1)
+        where = ("stored by another stage" if err.run_id is None
+                 else f"stored as run_id {err.run_id}")
+        _job_failed(f"run failed ({err.status}, {where}): {err}", 1)
+    if result.run_id is None:  # a pipeline stage other than rank 0: rank 0 stored the run
+        print(f"stage {_rank()} of {result.row['num_stages']} "
+              "done; rank 0 stored the run")
+        return result.row
     print(_summary(result, run_cfg.store.path))
     if result.texts:  # prompts from a tokenizer: show what the model said (the first answer)
         print(f"answer: {result.texts[0]}")
     return result.row
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
 
 
 def _threads() -> int:
@@ -212,6 +224,18 @@ def run_command(task=None) -> None:
         task or _run_task)()
 
 
+def _rank_run_dir(parsed) -> list[str]:
+    """Under torchrun, one Hydra output directory per launch with a folder per rank (its
+    config and log), unless the command names hydra.run.dir itself."""
+    if "RANK" not in os.environ or parsed.multirun or any(
+            o.startswith("hydra.run.dir=") for o in parsed.overrides):
+        return []
+    launch = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if launch == "none":  # a named rendezvous without an id: the endpoint names the launch
+        launch = f"{os.environ.get('MASTER_ADDR', 'local')}-{os.environ.get('MASTER_PORT', 0)}"
+    return [f"hydra.run.dir=results/hydra/pipeline/{launch}/rank{os.environ['RANK']}"]
+
+
 def hydra_command(command: str, args: list[str]) -> None:
     """run / search through hydra.main. Every configuration error exits 2 before Hydra makes
     anything: each job (every one of a --multirun) is composed and validated first; what
@@ -233,7 +257,7 @@ def hydra_command(command: str, args: list[str]) -> None:
     except ConfigError as err:
         fail(str(err), 2)
     saved = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    sys.argv = [f"{sys.argv[0]} {command}", *args]
+    sys.argv = [f"{sys.argv[0]} {command}", *args, *_rank_run_dir(parsed)]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # else Hydra prints its errors itself and exits 1
     try:
         if not (parsed.help or parsed.hydra_help or parsed.cfg or parsed.info

@@ -13,10 +13,11 @@ class TraceRecorder(Callbacks):
 
     def __init__(self, device: str = "compute"):
         self.device = device
+        self.rank = self.stage = 0  # a pipeline stage's (pipeline/run.py sets them)
         self.rows: list[dict] = []
 
     def on_op(self, record: dict) -> None:
-        base = dict(rank=0, stage=0, device=self.device, op=record["op"],
+        base = dict(rank=self.rank, stage=self.stage, device=self.device, op=record["op"],
                     token=record["token"], layer=record["layer"], batch=record["batch"],
                     start_s=record["start_s"], end_s=record["end_s"])
         moved = record.get("bytes") or {}

@@ -42,7 +42,7 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return "float16" if device.type in ("cuda", SIMULATED.type) else "float32"
 
 
-PIPELINE_NOT_BUILT = ("measured", "simulated")  # backends that cannot run distributed=pipeline
+PIPELINE_NOT_BUILT = ("simulated",)  # backends that cannot run distributed=pipeline
 
 
 def check_built(cfg: RunConfig) -> None:

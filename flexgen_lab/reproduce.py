@@ -317,6 +317,9 @@ def plot(args: list[str]) -> list[Path]:
     experiment's figures from what the store holds (nothing is run), as PNG and SVG."""
     from flexgen_lab.results import plots, report
 
+    run_id = [a.partition("=")[2] for a in args if a.startswith("run_id=")]
+    if run_id:  # one run's trace as a timeline (a pipeline's stages overlapping)
+        return _plot_run(run_id[0], args)
     opts = parse_options(args)
     exp = experiments.load(opts.experiment)
     if exp.kind == "eval":  # accuracy rows (table5): run by the eval command's code
@@ -341,6 +344,18 @@ def plot(args: list[str]) -> list[Path]:
     for kind in exp.plots:
         stem = PLOTS_DIR / f"{report.table_stem(meta)}-{kind}"
         paths += plots.save(plots.draw(kind, frame, meta, exp.paper_points), stem)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return paths
+
+
+def _plot_run(run_id: str, args: list[str]) -> list[Path]:
+    from flexgen_lab.results.timeline import plot_run
+
+    store_path = dict(a.partition("=")[::2] for a in args).get("store.path",
+                                                             OPTIONS["store.path"])
+    if not run_id.isdigit():
+        raise ConfigError(f"plot: run_id={run_id!r}: must be a run's integer id")
+    paths = plot_run(ResultStore(store_path), int(run_id), PLOTS_DIR)
     print("wrote " + ", ".join(str(p) for p in paths))
     return paths
 

@@ -31,6 +31,7 @@ from flexgen_lab.engine.transfer import DEFAULT_IO_WORKERS, IO_THREADS
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import open_weights
+from flexgen_lab.pipeline.comm import check_world
 from flexgen_lab.planner.cost_model import flexgen_original, predict
 from flexgen_lab.results.store import ResultStore, StoreError
 from flexgen_lab.units import TORCH_DTYPES
@@ -38,9 +39,10 @@ from flexgen_lab.validation import model_spec
 
 
 class RunFailed(RuntimeError):
-    """A run raised; its row is stored with the status and message. `run_id` names the row."""
+    """A run raised; its row is stored with the status and message. `run_id` names the row
+    (None on a pipeline stage whose failure another stage stored)."""
 
-    def __init__(self, message: str, run_id: int, status: str):
+    def __init__(self, message: str, run_id: int | None, status: str):
         super().__init__(message)
         self.run_id, self.status = run_id, status
 
@@ -126,6 +128,7 @@ def config_columns(cfg: RunConfig, spec: ModelSpec, dtype: str, device: torch.de
         gen_len=cfg.workload.gen_len, num_prompts=cfg.workload.num_prompts or p.block_size,
         gpu_budget_bytes=budgets["gpu"], cpu_budget_bytes=budgets["cpu"],
         disk_budget_bytes=budgets["disk"], version=__version__, git_commit=git_commit(),
+        num_stages=cfg.distributed.stages,
     )
 
 
@@ -236,6 +239,8 @@ def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
     """Run one configuration and store its row; raises ConfigError before any work if invalid."""
     spec, device, dtype, budgets = prepare(cfg)
     check_paths(cfg)
+    if cfg.distributed.name == "pipeline" and cfg.backend.name == "measured":
+        check_world(cfg.distributed.stages)  # every rank refuses a wrong launch, before work
     asked = config_hash(cfg, dtype, device_name(device))
     if cfg.policy.name == "search":
         cfg = searched(cfg, spec, dtype, device)
@@ -249,6 +254,8 @@ def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
     tracer = TraceRecorder() if cfg.trace else None
     if cfg.backend.name == "simulated":
         return _simulated(cfg, spec, dtype, store, row, tracer)
+    if cfg.distributed.name == "pipeline":
+        return _pipeline(cfg, spec, device, dtype, budgets, row, store, tracer, callbacks)
     ids, mask, tokenizer = make_prompts(cfg, spec, cfg.workload.num_prompts
                                         or to_policy(cfg).block_size)
     try:
@@ -268,6 +275,35 @@ def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
     run_id = store.record_run(row, tokens=tokens, trace=tracer.rows if tracer else None)
     texts = answers(tokenizer, spec, gen.output_ids) if tokenizer is not None else None
     return RunResult(run_id, row, gen, texts)
+
+
+def _pipeline(cfg: RunConfig, spec: ModelSpec, device: torch.device, dtype: str,
+              budgets: dict[str, int], row: dict, store: ResultStore,
+              tracer: TraceRecorder | None, callbacks: Callbacks | None) -> RunResult:
+    """distributed=pipeline, measured: this rank's stage (pipeline/run.py). Rank 0 stores the
+    run with its stages; the other ranks return without a row (run_id None)."""
+    from flexgen_lab.pipeline import run as pipeline
+
+    num_prompts = pipeline.pipeline_prompts(cfg)
+    row = {**row, "num_prompts": num_prompts}
+    ids, mask, tokenizer = make_prompts(cfg, spec, num_prompts)
+    try:
+        out = pipeline.run_stages(cfg, spec, device, dtype, budgets, to_policy(cfg), ids, mask,
+                                  io_workers(cfg, device), chain(callbacks, tracer), tracer,
+                                  row, store)
+    except pipeline.StageFailed as err:
+        raise RunFailed(str(err), err.run_id, err.status) from err
+    if out is None:
+        return RunResult(None, row, None)
+    row |= {"status": "ok", **metrics(out.generation, num_prompts, cfg.workload.prompt_len,
+                                      cfg.workload.gen_len), **out.columns}
+    tokens = list(enumerate(zip(workload.unpadded(ids, mask),
+                                out.generation.output_ids.tolist(), strict=True)))
+    run_id = (store.record_run(row, tokens=[(n, p, o) for n, (p, o) in tokens],
+                               trace=out.trace if tracer else None, stages=out.stage_rows)
+              if out.claimed else None)
+    texts = answers(tokenizer, spec, out.generation.output_ids) if tokenizer else None
+    return RunResult(run_id, row, out.generation, texts)
 
 
 def _simulated(cfg: RunConfig, spec: ModelSpec, dtype: str, store: ResultStore, row: dict,

@@ -45,10 +45,11 @@ def test_config_error_exits_2_without_traceback(tmp_path):
     assert not (tmp_path / "r.sqlite").exists(), "nothing may run before validation passes"
 
 
-def test_not_built_option_fails_loudly(tmp_path):
-    out = cli(tmp_path, "run", *TINY, "distributed=pipeline")
+def test_a_pipeline_without_its_launcher_is_refused_naming_torchrun(tmp_path):
+    out = cli(tmp_path, "run", *TINY, "distributed=pipeline", f"store.path={tmp_path}/r.sqlite")
     assert out.returncode == 2
-    assert "not built yet" in out.stderr and "distributed=pipeline" in out.stderr
+    assert "distributed.stages=2" in out.stderr and "torchrun --nproc-per-node 2" in out.stderr
+    assert not (tmp_path / "r.sqlite").exists() or ResultStore(tmp_path / "r.sqlite").runs().empty
 
 
 def test_simulated_run_needs_a_profile_with_speeds(tmp_path):

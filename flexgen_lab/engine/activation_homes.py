@@ -20,7 +20,9 @@ class ActivationHomes:
     """Homes of every GPU batch's hidden state; rows of at most max_tokens x hidden each."""
 
     def __init__(self, spec, share: Placement, batch_size: int, num_batches: int,
-                 max_tokens: int, tiers: Tiers, dtype: torch.dtype, disk_dir):
+                 max_tokens: int, tiers: Tiers, dtype: torch.dtype, disk_dir, tag: str = ""):
+        """tag: prefixes scratch file names (a pipeline stage holds several blocks at once)."""
+        self.tag = tag
         self.batch_size, self.dtype, self.tiers, self.hidden = batch_size, dtype, tiers, spec.hidden
         self.row_elems = max_tokens * spec.hidden  # one sequence's activations, prefill size
         split = split_units(batch_size * num_batches, share)
@@ -49,7 +51,7 @@ class ActivationHomes:
                 self.cpu[k] = self.tiers.empty("cpu", (elems,), self.dtype, what)
             else:
                 self.tiers["disk"].reserve(elems * self.dtype.itemsize, what)
-                self.disk[k] = disk_dir.file(f"activations_batch{k}",
+                self.disk[k] = disk_dir.file(f"{self.tag}activations_batch{k}",
                                              elems * self.dtype.itemsize)
 
     def home_bytes(self) -> dict[str, int]:

@@ -115,16 +115,20 @@ class CacheHomes:
 
     def __init__(self, spec, share: Placement, batch_size: int, num_batches: int, S: int,
                  tiers: Tiers, dtype: torch.dtype, config: compress.CompressionConfig | None,
-                 disk_dir):
+                 disk_dir, layers: range | None = None, tag: str = ""):
+        """layers: the 0-based decoder layers this process computes (a pipeline stage's);
+        tag: prefixes scratch file names (a pipeline stage holds several blocks at once)."""
         self.spec, self.S, self.dtype, self.config = spec, S, dtype, config
+        self.layers = range(spec.num_layers) if layers is None else layers
         split = split_units(batch_size * num_batches, share)
         self.ranges = [batch_ranges(split, k, batch_size) for k in range(num_batches)]
         self.segments = {
             (layer, k): {tier: Segment(tier, seqs, stored_shapes(S, seqs[1] - seqs[0], spec,
                                                                 dtype, config),
-                                       tiers, f"cache: layer {layer} batch {k} {tier}", disk_dir)
+                                       tiers, f"{tag}cache: layer {layer} batch {k} {tier}",
+                                       disk_dir)
                          for tier, seqs in self.ranges[k].items()}
-            for layer in range(spec.num_layers) for k in range(num_batches)}
+            for layer in self.layers for k in range(num_batches)}
 
     def stored(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Token-major (t, n, nkv, d) rows in stored form (quantised on the compute side)."""

@@ -59,8 +59,9 @@ class CacheIO:
     def _largest_segments(self) -> dict[str, Segment]:
         """Tier -> one segment of the first layer with the most sequences on that tier."""
         out: dict[str, Segment] = {}
+        first = self.homes.layers.start
         for k in range(len(self.homes.ranges)):
-            for tier, seg in self.homes.segments[(0, k)].items():
+            for tier, seg in self.homes.segments[(first, k)].items():
                 if tier not in out or seg.seqs[1] - seg.seqs[0] > out[tier].seqs[1] - out[
                         tier].seqs[0]:
                     out[tier] = seg

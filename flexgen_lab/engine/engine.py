@@ -55,8 +55,12 @@ class Engine:
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  callbacks: Callbacks | None = None, tiers: Tiers | None = None,
                  offload_dir: str | Path | None = None, disk_io: str = "direct",
-                 io_workers: int = IO_THREADS, weight_cache: str = "rebuild"):
+                 io_workers: int = IO_THREADS, weight_cache: str = "rebuild",
+                 parts: range | None = None):
+        """parts: the part indices this process computes (0 embedding, 1..L decoder layers,
+        L + 1 head): a pipeline stage's (pipeline/stages.py), else the whole model."""
         self.spec, self.policy, self.schedule = spec, policy, schedule
+        self.parts = range(spec.num_layers + 2) if parts is None else parts
         self.device, self.dtype = torch.device(device), dtype
         self.family = families.get(spec.family)
         self.score_scale = families.score_scale(spec)
@@ -106,7 +110,7 @@ class Engine:
             self._weight_cache = WeightCache(self.offload_dir, source, self.spec, self.dtype,
                                              config, self.disk_io, self.weight_cache_mode)
         return WeightHomes(self.spec, source, p.weights, self.tiers, self.dtype, config,
-                           self._weight_cache)
+                           self._weight_cache, self.parts)
 
     def scratch(self) -> DiskDir:
         """This run's own directory for cache and activations on disk (made on first use)."""
@@ -133,7 +137,7 @@ class Engine:
                  sampling: Sampling | None = None) -> Generation:
         """input_ids, attention_mask (num_prompts, prompt_len), left padded, whole blocks."""
         sampling = sampling or Sampling()
-        block, b = self.policy.block_size, self.policy.gpu_batch_size
+        block = self.policy.block_size
         if input_ids.shape[0] % block:
             raise ValueError(f"{input_ids.shape[0]} prompts is not a multiple of the block size "
                              f"{block}")
@@ -141,10 +145,7 @@ class Engine:
         generator = torch.Generator().manual_seed(sampling.seed)
         outputs, prefill_s, decode_s = [], 0.0, 0.0
         for start in range(0, input_ids.shape[0], block):
-            forced = sampling.forced_ids
-            batches = [BatchState(input_ids[s:s + b], attention_mask[s:s + b], gen_len,
-                                  self.device, None if forced is None else forced[s:s + b])
-                       for s in range(start, start + block, b)]
+            batches = self.block_batches(input_ids, attention_mask, start, gen_len, sampling)
             used = self.tiers.checkpoint()
             try:
                 p, d = BlockRun(self, batches, gen_len, sampling, generator, links).run()
@@ -155,12 +156,24 @@ class Engine:
         link_bytes = {phase: links.bytes(phase) for phase in ("prefill", "decode")}
         return Generation(torch.cat(outputs), prefill_s, decode_s, link_bytes)
 
+    def block_batches(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                      gen_len: int, sampling: Sampling) -> list[BatchState]:
+        """The GPU batches of the block of prompts that begins at `start`."""
+        b, forced = self.policy.gpu_batch_size, sampling.forced_ids
+        return [BatchState(input_ids[s:s + b], attention_mask[s:s + b], gen_len, self.device,
+                           None if forced is None else forced[s:s + b])
+                for s in range(start, start + self.policy.block_size, b)]
+
 
 class BlockRun:
     """One block's generation: its cache and activation homes, futures, and the op loop."""
 
     def __init__(self, engine: Engine, batches: list[BatchState], gen_len: int,
-                 sampling: Sampling, generator: torch.Generator, links: Links):
+                 sampling: Sampling, generator: torch.Generator, links: Links,
+                 origin: float | None = None, batch_base: int = 0, tag: str = ""):
+        """origin: the trace's time zero; batch_base: added to batch indices in the trace (a
+        pipeline's micro-block m traces its GPU batches as m x num_gpu_batches + k); tag:
+        prefixes the block's scratch files (a pipeline stage holds several blocks at once)."""
         self.e, self.batches, self.gen_len = engine, batches, gen_len
         self.sampling, self.generator, self.links = sampling, generator, links
         p, spec = engine.policy, engine.spec
@@ -173,17 +186,24 @@ class BlockRun:
                                     - engine._bounce_bytes(), "disk: bounce buffers (block)")
         needs_disk = p.cache.disk > 0 or p.activations.disk > 0
         disk_dir = engine.scratch() if needs_disk else None
+        parts = engine.parts
+        layers = range(max(parts.start, 1) - 1, min(parts.stop, spec.num_layers + 1) - 1)
         self.cache = CacheHomes(spec, p.cache, p.gpu_batch_size, len(batches), total,
-                                engine.tiers, engine.dtype, config, disk_dir)
+                                engine.tiers, engine.dtype, config, disk_dir, layers, tag)
         self.acts = ActivationHomes(spec, p.activations, p.gpu_batch_size, len(batches),
-                                    self.prompt_len, engine.tiers, engine.dtype, disk_dir)
+                                    self.prompt_len, engine.tiers, engine.dtype, disk_dir, tag)
         engine.placed["cache"] = self.cache.home_bytes()
         engine.placed["activations"] = self.acts.home_bytes()
         self.cache_io = CacheIO(self.cache, engine.tiers, p.cpu_delegation, p.attn_sparsity)
         self.cache_io.start_block(self.prompt_len)
         self.cache_io.reserve_buffers(gen_len)
         self.attention = CacheAttention(self.cache_io, p.attn_sparsity, p.attn_renormalize)
-        self.executor = Executor(p.overlap, engine.io_workers, trace=self._trace)
+        self.executor = Executor(p.overlap, engine.io_workers, trace=self._trace, origin=origin)
+        self.batch_base = batch_base
+        # a pipeline stage's hidden inputs from the stage before, and outputs for the next,
+        # by GPU batch (pipeline/stage_run.py fills and empties them around run_token)
+        self.inbox: dict[int, torch.Tensor] = {}
+        self.outbox: dict[int, torch.Tensor] = {}
         self.weight_jobs: dict[tuple[int, int], tuple[Future, dict]] = {}
         self.cache_jobs: dict[tuple[int, int], tuple[Future, int]] = {}
         self.cache_stores: dict[tuple[int, int], Future] = {}
@@ -226,6 +246,21 @@ class BlockRun:
             self._release_view()
         return phase[0], phase[1]
 
+    def run_token(self, token: int) -> None:
+        """One token step of this process's parts for every GPU batch (a pipeline stage's
+        share of the step): the op stream cut to that token, waited out to its last store, so
+        the next micro-block's step starts with nothing in flight."""
+        stream = schedule.ops(self.e.schedule, self.gen_len, self.e.spec.num_layers + 2,
+                              len(self.batches), self.e.parts, token)
+        for op in stream:
+            getattr(self, op.kind)(op)
+        wait(list(self.cache_stores.values()) + list(self.hidden_stores.values()))
+        self._release_view()
+
+    def close(self) -> None:
+        self.executor.close()
+        self._release_view()
+
     def _clock(self) -> float:
         cuda_sync.synchronize(self.e.device)
         return time.perf_counter()
@@ -235,7 +270,8 @@ class BlockRun:
         self.e.callbacks.on_op(record)
 
     def _submit(self, op, fn, deps) -> Future:
-        label = {"op": op.kind, "token": op.token, "layer": op.layer, "batch": op.batch}
+        label = {"op": op.kind, "token": op.token, "layer": op.layer,
+                 "batch": op.batch + self.batch_base}
         event = self.event
 
         def task():
@@ -274,6 +310,10 @@ class BlockRun:
         self.counts["hidden_loads"] += 1
         tokens = self.batches[op.batch].window(op.token)[1]
         holder: dict = {}
+        if op.layer == self.e.parts.start:  # a pipeline stage's input, received whole
+            holder["x"] = self.inbox.pop(op.batch)
+            self.hidden_jobs[op.batch] = (None, holder)
+            return
 
         def fn():
             holder["x"] = self.acts.load(op.batch, tokens, self.links, op.token, slot)
@@ -309,7 +349,8 @@ class BlockRun:
         end = time.perf_counter()
         step = schedule.Step(op.token, op.layer, op.batch)
         self.e.callbacks.on_step(step, start, end)
-        self._trace({"op": "compute", "token": op.token, "layer": op.layer, "batch": op.batch,
+        self._trace({"op": "compute", "token": op.token, "layer": op.layer,
+                     "batch": op.batch + self.batch_base,
                      "start_s": start - self.executor.origin,
                      "end_s": end - self.executor.origin})
 
@@ -337,9 +378,10 @@ class BlockRun:
         start, t = batch.window(i)
         positions = batch.positions[:, start:start + t]  # (b, t)
         fam, spec = self.e.family, self.e.spec
+        if j == self.e.parts.start:  # the step's first part here: the step's mask
+            batch.mask = ops.attention_mask(batch.key_mask[:, :start + t], start, t)
         if j == 0:
             ids = batch.ids if i == 0 else batch.outputs[:, i - 1:i].to(self.e.device)
-            batch.mask = ops.attention_mask(batch.key_mask[:, :start + t], start, t)
             self.outputs[op.batch] = fam.embed(spec, w, ids, positions)
             return
         x = self.hidden_jobs.pop(op.batch)[1]["x"]
@@ -378,6 +420,9 @@ class BlockRun:
 
     def store_hidden(self, op) -> None:
         x = self.outputs.pop(op.batch)
+        if op.layer == self.e.parts.stop - 1:  # a pipeline stage's output, sent on whole
+            self.outbox[op.batch] = x
+            return
         if self.acts.resident:
             self.acts.store(op.batch, x, self.links, op.token)
             return

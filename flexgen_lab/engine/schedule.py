@@ -4,7 +4,7 @@ One row per GPU batch, one column per (token, layer). Layer index 0 is the input
 1..L the decoder layers and L+1 the output head, so one step type covers the whole model.
 i = token step (0 = prefill), j = layer, k = GPU batch.
 
-    >>> list(zigzag(num_tokens=2, num_layers=1, num_batches=2))[:2]
+    >>> list(zigzag(tokens=range(2), parts=range(1), batches=range(2)))[:2]
     [Step(token=0, layer=0, batch=0), Step(token=0, layer=0, batch=1)]
 """
 
@@ -35,31 +35,37 @@ class Op:
     batch: int
 
 
-def row_by_row(num_tokens: int, num_layers: int, num_batches: int) -> Iterator[Step]:
+def row_by_row(tokens, parts, batches) -> Iterator[Step]:
     """One GPU batch's whole generation before the next: only its cache is live."""
-    for k in range(num_batches):
-        for i in range(num_tokens):
-            for j in range(num_layers):
+    for k in batches:
+        for i in tokens:
+            for j in parts:
                 yield Step(i, j, k)
 
 
-def zigzag(num_tokens: int, num_layers: int, num_batches: int) -> Iterator[Step]:
+def zigzag(tokens, parts, batches) -> Iterator[Step]:
     """For each token and layer, every GPU batch of the block: a layer's weights serve them all."""
-    for i in range(num_tokens):
-        for j in range(num_layers):
-            for k in range(num_batches):
+    for i in tokens:
+        for j in parts:
+            for k in batches:
                 yield Step(i, j, k)
 
 
-def steps(name: str, num_tokens: int, num_layers: int, num_batches: int) -> Iterator[Step]:
+def steps(name: str, num_tokens: int, num_layers: int, num_batches: int,
+          parts: range | None = None, token: int | None = None) -> Iterator[Step]:
+    """The grid's steps in `name`'s order: every token, or only `token`; every part, or only
+    `parts` (a pipeline stage's, pipeline/stages.py)."""
+    tokens = range(num_tokens) if token is None else range(token, token + 1)
+    parts = range(num_layers) if parts is None else parts
     if name == "row_by_row":
-        return row_by_row(num_tokens, num_layers, num_batches)
+        return row_by_row(tokens, parts, range(num_batches))
     if name == "zigzag":
-        return zigzag(num_tokens, num_layers, num_batches)
+        return zigzag(tokens, parts, range(num_batches))
     raise ValueError(f"schedule.name={name!r}; allowed: {SCHEDULES}")
 
 
-def ops(name: str, num_tokens: int, num_layers: int, num_batches: int) -> Iterator[Op]:
+def ops(name: str, num_tokens: int, num_layers: int, num_batches: int,
+        parts: range | None = None, token: int | None = None) -> Iterator[Op]:
     """The op stream: loads for the next step are issued before the current compute.
 
     num_layers counts the embedding (0) and the head (last). Weights load once per run of
@@ -67,12 +73,17 @@ def ops(name: str, num_tokens: int, num_layers: int, num_batches: int) -> Iterat
     the next run's weights are requested as the current run starts. A step's hidden input is
     prefetched when the step before it belongs to another batch (otherwise the current step
     is what produces it). Cache exists for decoder layers only, and the last token's new cache
-    row is never read again, so it is not stored.
+    row is never read again, so it is not stored. `parts` and `token` cut the stream to a
+    pipeline stage's parts and one token step (steps()); the first step's own cache load then
+    leads the stream, since no earlier step prefetches it.
     """
-    cells = list(steps(name, num_tokens, num_layers, num_batches))
+    cells = list(steps(name, num_tokens, num_layers, num_batches, parts, token))
     head = num_layers - 1
     groups = _weight_group_starts(cells)
-    yield Op("load_weight", cells[0].token, cells[0].layer, cells[0].batch)
+    first = cells[0]
+    yield Op("load_weight", first.token, first.layer, first.batch)
+    if 0 < first.layer < head and first.token > 0:
+        yield Op("load_cache", first.token, first.layer, first.batch)
     prefetched = False
     for n, cell in enumerate(cells):
         # the input this step waits for goes first: behind the next part's weights on the

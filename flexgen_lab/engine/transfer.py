@@ -81,14 +81,14 @@ class Executor:
     """Runs I/O tasks: in a thread pool (overlap) or inline (no overlap), with dependencies."""
 
     def __init__(self, overlap: bool, num_threads: int = IO_THREADS,
-                 trace: Callable[[dict], None] | None = None):
+                 trace: Callable[[dict], None] | None = None, origin: float | None = None):
         # one torch thread per I/O worker: a host copy is memory-bound (two threads copy no
         # faster here), and a second one would take a core from compute's threads
         self.pool = (ThreadPoolExecutor(num_threads, thread_name_prefix="io",
                                         initializer=torch.set_num_threads, initargs=(1,))
                      if overlap else None)
         self.trace = trace
-        self.origin = time.perf_counter()
+        self.origin = time.perf_counter() if origin is None else origin  # trace times from
 
     def submit(self, fn: Callable[[], None], deps: list[Future | None], label: dict) -> Future:
         """Run fn after its dependencies; label (op, token, layer, batch) goes in the trace."""

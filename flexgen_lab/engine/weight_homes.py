@@ -124,22 +124,37 @@ class WeightHomes:
     """Every part of the model at home; `load` assembles one part, `compute_view` unpacks it."""
 
     def __init__(self, spec, source, share: Placement, tiers: Tiers, dtype: torch.dtype,
-                 config: compress.CompressionConfig | None, cache: WeightCache | None):
+                 config: compress.CompressionConfig | None, cache: WeightCache | None,
+                 parts: range | None = None):
+        """parts: the part indices this process computes (a pipeline stage's), else all."""
         self.spec, self.tiers, self.dtype, self.config = spec, tiers, dtype, config
-        self.parts: list[PartHome] = []
-        for part, layer in part_names(spec):
+        self.parts: dict[int, PartHome] = {}  # part index (0 embedding .. L + 1 head) -> home
+        names = part_names(spec)
+        for index in range(len(names)) if parts is None else parts:
+            part, layer = names[index]
             tensors = source.part(part, layer, dtype)
             key = part_key(part, layer)
             # the source's copy of the part sits in host memory while its homes fill
             placing = sum(t.nbytes for t in tensors.values())
             with tiers["cpu"].hold(placing, f"weights: placing {key}"):
-                self.parts.append(PartHome({
+                self.parts[index] = PartHome({
                     name: self._home(key, name, tensor, share, cache)
-                    for name, tensor in tensors.items()}))
-        if spec.tie_embeddings:  # one home, loaded by both ends (the original stored two)
-            embedding = self.parts[0].tensors["embed_tokens.weight"]
-            self.parts[-1].tensors["embed_tokens.weight"] = embedding
+                    for name, tensor in tensors.items()})
+        head = len(names) - 1
+        if spec.tie_embeddings and head in self.parts:
+            self.parts[head].tensors["embed_tokens.weight"] = self._tied_embedding(
+                source, share, cache)
         self._reserve_slots()
+
+    def _tied_embedding(self, source, share: Placement, cache) -> TensorHome:
+        """The head's tied embedding: the embedding part's home where this process has one
+        (the original stored two), else a home of its own (a pipeline's last stage, as a
+        separate machine would hold it)."""
+        if 0 in self.parts:
+            return self.parts[0].tensors["embed_tokens.weight"]
+        tensor = source.part("embed", None, self.dtype)["embed_tokens.weight"]
+        with self.tiers["cpu"].hold(tensor.nbytes, "weights: placing the tied embedding"):
+            return self._home("embed", "embed_tokens.weight", tensor, share, cache)
 
     def _reserve_slots(self) -> None:
         """The compute-side slots every load assembles a part in, and their cpu stages, made
@@ -148,7 +163,7 @@ class WeightHomes:
         (two when two or more parts load, which alternate, each as large as the largest
         part's loaded arrays): a load is issued only after the part two loads back has been
         computed (schedule.ops), so no part needs a slot of its own."""
-        loaded = [part for part in self.parts if not part.resident]
+        loaded = [part for part in self.parts.values() if not part.resident]
         self.num_slots = min(2, len(loaded))
         size = max((slot_layout(part.loaded_sizes())[1] for part in loaded), default=0)
         stage = max((part.stage_bytes() for part in loaded), default=0)
@@ -215,7 +230,7 @@ class WeightHomes:
         """Bytes at home per tier (a tied embedding counted once)."""
         total: dict[str, int] = {}
         seen = set()
-        for part in self.parts:
+        for part in self.parts.values():
             for tensor in part.tensors.values():
                 for array in tensor.arrays.values():
                     if id(array) in seen:

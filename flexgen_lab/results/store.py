@@ -28,6 +28,7 @@ import pandas as pd
 
 from flexgen_lab.results.schema import (
     EVAL_COLUMNS,
+    STAGE_COLUMNS,
     MIGRATIONS,
     RUN_COLUMNS,
     SCHEMA_VERSION,
@@ -40,6 +41,7 @@ _RUN_NAMES = [name for name, _ in RUN_COLUMNS]
 _WRITABLE_RUN_NAMES = frozenset(_RUN_NAMES) - {"run_id"}
 _TRACE_NAMES = [name for name, _ in TRACE_COLUMNS if name != "run_id"]
 _EVAL_NAMES = [name for name, _ in EVAL_COLUMNS if name != "run_id"]
+_STAGE_NAMES = [name for name, _ in STAGE_COLUMNS if name != "run_id"]
 
 # Lock contention: busy_timeout makes SQLite wait by itself; the retry loop covers the cases
 # where SQLite reports "locked"/"busy" without waiting (WAL setup, schema changes, snapshots).
@@ -224,8 +226,10 @@ class ResultStore:
         tokens: list[tuple[int, list[int], list[int]]] | None = None,
         trace: list[dict[str, Any]] | None = None,
         evals: list[dict[str, Any]] | None = None,
+        stages: list[dict[str, Any]] | None = None,
     ) -> int:
-        """Insert one run with its tokens and trace in one transaction and return its run_id.
+        """Insert one run with its tokens, trace, evals and pipeline stages (STAGE_COLUMNS
+        without run_id; missing keys NULL) in one transaction and return its run_id.
 
         A row is all or nothing: if any part fails (a CHECK, a duplicate prompt_index) nothing
         of this run is stored, so a sweep never sees half a result."""
@@ -240,7 +244,16 @@ class ResultStore:
         ]
         trace_rows = [self._trace_values(event) for event in trace or []]
         eval_rows = [tuple(_plain(e.get(name)) for name in _EVAL_NAMES) for e in evals or []]
-        return _with_retry(lambda: self._insert_run(values, token_rows, trace_rows, eval_rows))
+        stage_rows = [self._stage_values(stage) for stage in stages or []]
+        return _with_retry(lambda: self._insert_run(values, token_rows, trace_rows, eval_rows,
+                                                    stage_rows))
+
+    @staticmethod
+    def _stage_values(stage: dict[str, Any]) -> tuple[Any, ...]:
+        unknown = sorted(set(stage) - set(_STAGE_NAMES))
+        if unknown:
+            raise ValueError(f"unknown stage columns {unknown}; allowed: {_STAGE_NAMES}")
+        return tuple(_plain(stage.get(name)) for name in _STAGE_NAMES)
 
     @staticmethod
     def _trace_values(event: dict[str, Any]) -> tuple[Any, ...]:
@@ -255,6 +268,7 @@ class ResultStore:
         token_rows: list[tuple[int, str, str]],
         trace_rows: list[tuple[Any, ...]],
         eval_rows: list[tuple[Any, ...]] = (),
+        stage_rows: list[tuple[Any, ...]] = (),
     ) -> int:
         names = list(values)
         placeholders = ", ".join("?" for _ in names)
@@ -280,6 +294,12 @@ class ResultStore:
                     f"INSERT INTO evals (run_id, {', '.join(_EVAL_NAMES)})"
                     f" VALUES ({', '.join('?' for _ in range(len(_EVAL_NAMES) + 1))})",
                     [(run_id, *eval_row) for eval_row in eval_rows],
+                )
+            if stage_rows:
+                conn.executemany(
+                    f"INSERT INTO stages (run_id, {', '.join(_STAGE_NAMES)})"
+                    f" VALUES ({', '.join('?' for _ in range(len(_STAGE_NAMES) + 1))})",
+                    [(run_id, *stage_row) for stage_row in stage_rows],
                 )
         return run_id
 
@@ -321,6 +341,12 @@ class ResultStore:
                 (run_id,),
             ).fetchall()
         return [(index, json.loads(prompt), json.loads(output)) for index, prompt, output in rows]
+
+    def stages(self, run_id: int) -> pd.DataFrame:
+        """A pipeline run's stages, by stage."""
+        with self._reading() as conn:
+            return pd.read_sql_query("SELECT * FROM stages WHERE run_id = ? ORDER BY stage",
+                                     conn, params=(run_id,))
 
     def trace(self, run_id: int) -> pd.DataFrame:
         """The run's op trace in the order it was recorded (rowid), which is execution order."""

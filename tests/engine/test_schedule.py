@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flexgen_lab.engine import schedule
 from flexgen_lab.engine.schedule import Step, row_by_row, steps, zigzag
+from flexgen_lab.pipeline.stages import stage_parts
 
 
 @pytest.mark.parametrize("order", [row_by_row, zigzag])
 def test_every_cell_once(order):
-    cells = list(order(3, 4, 2))
+    cells = list(order(range(3), range(4), range(2)))
     assert len(cells) == len(set(cells)) == 3 * 4 * 2
 
 
 def test_row_by_row_finishes_a_batch_before_the_next():
-    cells = list(row_by_row(2, 3, 2))
+    cells = list(row_by_row(range(2), range(3), range(2)))
     assert [c.batch for c in cells] == [0] * 6 + [1] * 6
     assert cells[5] == Step(token=1, layer=2, batch=0)
 
 
 def test_zigzag_runs_all_batches_of_a_layer_together():
-    cells = list(zigzag(2, 2, 3))
+    cells = list(zigzag(range(2), range(2), range(3)))
     assert [(c.layer, c.batch) for c in cells[:6]] == [(0, 0), (0, 1), (0, 2),
                                                        (1, 0), (1, 1), (1, 2)]
     assert all(c.token == 0 for c in cells[:6]) and cells[6].token == 1
@@ -83,3 +86,30 @@ def test_the_zigzag_op_stream_reads_like_algorithm_1():
     got = [(op.kind, str(op.token), str(op.layer), str(op.batch))
            for op in schedule.ops("zigzag", 2, 3, 2)]
     assert got == expected
+
+
+@given(st.sampled_from(schedule.SCHEDULES), st.integers(1, 4), st.integers(1, 6),
+       st.integers(1, 3), st.data())
+def test_a_stage_token_stream_loads_what_each_compute_reads(name, tokens, layers, batches, data):
+    """Pipeline stages run one token of their parts at a time (pipeline/stages.py): every
+    compute of such a stream finds its weights, hidden input and cache loads before it."""
+    stages = data.draw(st.integers(1, layers))
+    head = layers + 1
+    computes = []
+    for i in range(tokens):
+        for s in range(stages):
+            stream = list(schedule.ops(name, tokens, layers + 2, batches,
+                                       stage_parts(layers, stages, s), i))
+            seen = set()
+            for op in stream:
+                where = (op.token, op.layer, op.batch)
+                if op.kind == "compute":
+                    computes.append(where)
+                    assert any(k == "load_weight" and (t, j) == where[:2] for k, t, j, _ in seen)
+                    if op.layer > 0:
+                        assert ("load_hidden", *where) in seen
+                    if 0 < op.layer < head and op.token > 0:
+                        assert ("load_cache", *where) in seen
+                seen.add((op.kind, *where))
+    assert sorted(computes) == sorted((c.token, c.layer, c.batch)
+                                      for c in schedule.steps(name, tokens, layers + 2, batches))
