@@ -105,10 +105,14 @@ class StageComm:
         done = self._waiter.submit(work.wait, limit)
         try:
             done.result(timeout=self.timeout_s + 5)
-        except (FutureTimeout, RuntimeError) as err:
+        except FutureTimeout as err:
             raise StageTimeout(f"stage {self.rank}: {what} did not arrive within "
                                f"distributed.timeout_s={self.timeout_s:g} s (a stage failed or "
-                               f"is stuck): {err}") from err
+                               "is stuck)") from err
+        except RuntimeError as err:  # the transport's own timeout, or a peer that went away
+            raise StageTimeout(f"stage {self.rank}: waiting for {what} failed (a stage died, "
+                               f"or distributed.timeout_s={self.timeout_s:g} s passed): "
+                               f"{str(err).splitlines()[0][:300]}") from err
 
     def gather(self, obj) -> list | None:
         """Every stage's `obj` on stage 0 (None elsewhere)."""
