@@ -8,10 +8,12 @@ the resident case: loads and stores then move nothing.
 
 Where the loop lives: the loop nest and the place of every load and store around each
 compute is `schedule.ops` (tests/engine/test_schedule.py pins its stream for 2 tokens x
-3 parts x 2 batches, annotated as Algorithm 1); `BlockRun.run` below walks that stream and
-hands each op to the method of its name (load_weight ... store_hidden); `BlockRun.compute`
+3 parts x 2 batches, annotated as Algorithm 1); which buffer each op fills and which it
+waits for is `dependencies.py`, the one table the simulator (sim/simulator.py) times the same
+stream by; `BlockRun.run` below walks the stream and hands each op to the method of its name
+(load_weight ... store_hidden), whose future returns what it brought; `BlockRun.compute`
 and `_cell` are one step's arithmetic (models/<family>.py, attention.py); `cache_io.CacheIO`
-the cache's loads, stores and buffers. The simulator (sim/simulator.py) replays the same stream.
+the cache's loads, stores and buffers.
 
     >>> with Engine(spec, DummyWeights(spec, 0), Policy(weights=Placement(0.2, 0.8))) as engine:
     ...     gen = engine.generate(input_ids, attention_mask, gen_len=32)
@@ -27,17 +29,19 @@ from pathlib import Path
 import torch
 
 from flexgen_lab.engine import bounce, cuda_sync, owners, schedule
+from flexgen_lab.engine import dependencies as deps
 from flexgen_lab.engine.activation_homes import ActivationHomes
 from flexgen_lab.engine.attention import CacheAttention
 from flexgen_lab.engine.batch import BatchState, Callbacks, Generation, Sampling, pick_tokens
 from flexgen_lab.engine.cache_homes import CacheHomes
 from flexgen_lab.engine.cache_io import CacheIO
 from flexgen_lab.engine.compress import CompressionConfig
+from flexgen_lab.engine.dependencies import fills, is_store
 from flexgen_lab.engine.disk import DiskDir
 from flexgen_lab.engine.memory import release_free_heap
 from flexgen_lab.engine.policy import Policy
 from flexgen_lab.engine.tiers import Tiers
-from flexgen_lab.engine.transfer import IO_THREADS, Executor, Links, wait
+from flexgen_lab.engine.transfer import IO_THREADS, Executor, Links, done, wait
 from flexgen_lab.engine.weight_cache import WeightCache
 from flexgen_lab.engine.weight_homes import WeightHomes
 from flexgen_lab.engine.workspace import step_workspace_bytes
@@ -204,13 +208,11 @@ class BlockRun:
         # by GPU batch (pipeline/stage_run.py fills and empties them around run_token)
         self.inbox: dict[int, torch.Tensor] = {}
         self.outbox: dict[int, torch.Tensor] = {}
-        self.weight_jobs: dict[tuple[int, int], tuple[Future, dict]] = {}
-        self.cache_jobs: dict[tuple[int, int], tuple[Future, int]] = {}
-        self.cache_stores: dict[tuple[int, int], Future] = {}
-        self.hidden_jobs: dict[int, tuple[Future, dict]] = {}
-        self.hidden_stores: dict[int, Future] = {}
-        self.pending: dict[tuple[int, int], dict] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        # one future per buffer, keyed as the simulator keys them (dependencies.py); each
+        # returns what it brought: a part's weights, a cache slot, a batch's hidden input
+        self.futures: dict[deps.Key, Future] = {}
+        self.pending: dict[tuple[int, int], dict] = {}  # computed cache rows, to store
+        self.outputs: dict[int, torch.Tensor] = {}  # computed hidden outputs, to store
         self.counts = {"weight_loads": 0, "cache_loads": 0, "stores": 0, "hidden_loads": 0}
         self.last_store: Future | None = None
         self.event = None  # CUDA event after the latest compute (None on the CPU)
@@ -239,7 +241,7 @@ class BlockRun:
                     phase[token > 0] += now - mark
                     token, mark = op.token, now
                 getattr(self, op.kind)(op)
-            wait(list(self.cache_stores.values()) + list(self.hidden_stores.values()))
+            self._wait_stores()
             phase[token > 0] += self._clock() - mark
         finally:
             self.executor.close()
@@ -254,8 +256,11 @@ class BlockRun:
                               len(self.batches), self.e.parts, token)
         for op in stream:
             getattr(self, op.kind)(op)
-        wait(list(self.cache_stores.values()) + list(self.hidden_stores.values()))
+        self._wait_stores()
         self._release_view()
+
+    def _wait_stores(self) -> None:
+        wait([f for key, f in self.futures.items() if key[0].endswith("_store")])
 
     def close(self) -> None:
         self.executor.close()
@@ -269,31 +274,35 @@ class BlockRun:
         record["bytes"] = self.links.take_op_bytes()
         self.e.callbacks.on_op(record)
 
-    def _submit(self, op, fn, deps) -> Future:
+    def _submit(self, op, fn) -> Future:
+        """Run fn (which returns the buffer it brought) after the ops it depends on
+        (dependencies.py); its future becomes the buffer's."""
         label = {"op": op.kind, "token": op.token, "layer": op.layer,
                  "batch": op.batch + self.batch_base}
         event = self.event
+        after = [self.futures.get(key) for key in deps.waits_for(op)]
+        if is_store(op):  # stores leave in order (dependencies.py)
+            after.append(self.last_store)
 
         def task():
             cuda_sync.wait_event(event)  # what earlier computes produced or still read
-            fn()
+            return fn()
 
-        return self.executor.submit(task, deps, label)
+        self.futures[fills(op)] = future = self.executor.submit(task, after, label)
+        if is_store(op):
+            self.last_store = future
+        return future
 
     # --- loads -------------------------------------------------------------------------
 
     def load_weight(self, op) -> None:
-        index, holder = op.layer, {}
+        index = op.layer
         if self.e.weights.parts[index].resident:
-            self.weight_jobs[(op.token, op.layer)] = (None, holder)
+            self.futures[fills(op)] = done(None)  # compute reads the homes
             return
         slot = self.counts["weight_loads"] % self.e.weights.num_slots
         self.counts["weight_loads"] += 1
-
-        def fn():
-            holder["buffers"] = self.e.weights.load(index, slot, self.links, op.token)
-
-        self.weight_jobs[(op.token, op.layer)] = (self._submit(op, fn, []), holder)
+        self._submit(op, lambda: self.e.weights.load(index, slot, self.links, op.token))
 
     def load_cache(self, op) -> None:
         layer = op.layer - 1
@@ -301,50 +310,38 @@ class BlockRun:
             return  # read in place: nothing to move
         slot = self.counts["cache_loads"] % 2
         self.counts["cache_loads"] += 1
-        deps = [self.cache_stores.get((layer, op.batch))]
-        fn = lambda: self.cache_io.load(op.token, layer, op.batch, slot, self.links)  # noqa: E731
-        self.cache_jobs[(layer, op.batch)] = (self._submit(op, fn, deps), slot)
+        self._submit(op, lambda: (self.cache_io.load(op.token, layer, op.batch, slot,
+                                                      self.links), slot)[1])
 
     def load_hidden(self, op) -> None:
         slot = self.counts["hidden_loads"] % 2
         self.counts["hidden_loads"] += 1
         tokens = self.batches[op.batch].window(op.token)[1]
-        holder: dict = {}
         if op.layer == self.e.parts.start:  # a pipeline stage's input, received whole
-            holder["x"] = self.inbox.pop(op.batch)
-            self.hidden_jobs[op.batch] = (None, holder)
+            self.futures[fills(op)] = done(self.inbox.pop(op.batch))
             return
-
-        def fn():
-            holder["x"] = self.acts.load(op.batch, tokens, self.links, op.token, slot)
-
+        fn = lambda: self.acts.load(op.batch, tokens, self.links, op.token, slot)  # noqa: E731
         if self.acts.resident:  # the output is still on the device: nothing to move
-            fn()
-            self.hidden_jobs[op.batch] = (None, holder)
+            self.futures[fills(op)] = done(fn())
             return
-        deps = [self.hidden_stores.get(op.batch)]
-        self.hidden_jobs[op.batch] = (self._submit(op, fn, deps), holder)
+        self._submit(op, fn)
 
     # --- compute -------------------------------------------------------------------------
 
     def compute(self, op) -> None:
-        future, weights = self.weight_jobs[(op.token, op.layer)]
-        deps = [future]
-        if op.layer > 0:
-            deps.append(self.hidden_jobs[op.batch][0])
-        cache_slot = 0
-        if (op.layer - 1, op.batch) in self.cache_jobs and op.token > 0:
-            job, cache_slot = self.cache_jobs.pop((op.layer - 1, op.batch))
-            deps.append(job)
-        wait(deps)
+        # what this step reads, each as its load brought it (dependencies.waits_for)
+        weights = self.futures[deps.weight(op.token, op.layer)].result()
+        x = self.futures.pop(deps.hidden(op.batch)).result() if op.layer > 0 else None
+        loaded = self.futures.pop(deps.cache(op.layer, op.batch), None) if op.token else None
+        cache_slot = loaded.result() if loaded is not None else 0  # all on gpu: read in place
         start = time.perf_counter()
-        w = self._weights_view(op, weights.get("buffers"))
+        w = self._weights_view(op, weights)
         batch = self.batches[op.batch]
         first, tokens = batch.window(op.token)  # queries attend over first + tokens keys
         need = step_workspace_bytes(self.e.spec, batch.ids.shape[0], tokens, first + tokens,
                                     self.e.dtype)
         with self.e.tiers["gpu"].hold(need, "workspace: compute step"):
-            self._cell(op, w, batch, cache_slot)
+            self._cell(op, w, batch, x, cache_slot)
         self.event = cuda_sync.compute_done(self.e.device)
         end = time.perf_counter()
         step = schedule.Step(op.token, op.layer, op.batch)
@@ -373,7 +370,8 @@ class BlockRun:
             self.e.tiers["gpu"].release(self._view_bytes, "workspace: dequantised weights")
         self._view, self._view_key, self._view_bytes = None, None, 0
 
-    def _cell(self, op, w: dict, batch: BatchState, cache_slot: int) -> None:
+    def _cell(self, op, w: dict, batch: BatchState, x: torch.Tensor | None,
+              cache_slot: int) -> None:
         i, j, last = op.token, op.layer, self.e.spec.num_layers + 1
         start, t = batch.window(i)
         positions = batch.positions[:, start:start + t]  # (b, t)
@@ -384,7 +382,6 @@ class BlockRun:
             ids = batch.ids if i == 0 else batch.outputs[:, i - 1:i].to(self.e.device)
             self.outputs[op.batch] = fam.embed(spec, w, ids, positions)
             return
-        x = self.hidden_jobs.pop(op.batch)[1]["x"]
         if j == last:
             logits = fam.head(spec, w, x[:, -1:])[:, 0]
             self.e.callbacks.on_logits(i, op.batch, logits)
@@ -413,10 +410,8 @@ class BlockRun:
         start = self.batches[op.batch].window(op.token)[0]
         slot = self.counts["stores"] % 2
         self.counts["stores"] += 1
-        fn = lambda: self.cache_io.store(layer, op.batch, start, pending, slot, self.links,  # noqa: E731
-                                          op.token)
-        deps = [self.cache_stores.get((layer, op.batch)), self.last_store]
-        self.last_store = self.cache_stores[(layer, op.batch)] = self._submit(op, fn, deps)
+        self._submit(op, lambda: self.cache_io.store(layer, op.batch, start, pending, slot,
+                                                     self.links, op.token))
 
     def store_hidden(self, op) -> None:
         x = self.outputs.pop(op.batch)
@@ -426,6 +421,4 @@ class BlockRun:
         if self.acts.resident:
             self.acts.store(op.batch, x, self.links, op.token)
             return
-        fn = lambda: self.acts.store(op.batch, x, self.links, op.token)  # noqa: E731
-        deps = [self.hidden_stores.get(op.batch), self.last_store]
-        self.last_store = self.hidden_stores[op.batch] = self._submit(op, fn, deps)
+        self._submit(op, lambda: self.acts.store(op.batch, x, self.links, op.token))

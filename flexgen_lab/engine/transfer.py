@@ -90,32 +90,40 @@ class Executor:
         self.trace = trace
         self.origin = time.perf_counter() if origin is None else origin  # trace times from
 
-    def submit(self, fn: Callable[[], None], deps: list[Future | None], label: dict) -> Future:
-        """Run fn after its dependencies; label (op, token, layer, batch) goes in the trace."""
+    def submit(self, fn: Callable[[], object], deps: list[Future | None], label: dict
+               ) -> Future:
+        """Run fn after its dependencies; the future holds fn's result; label (op, token,
+        layer, batch) goes in the trace."""
         deps = [d for d in deps if d is not None]
         if self.pool is None:
-            future: Future = Future()
             wait(deps)
-            self._timed(fn, label)
-            future.set_result(None)
-            return future
+            return done(self._timed(fn, label))
         return self.pool.submit(self._after, fn, deps, label)
 
-    def _after(self, fn, deps, label) -> None:
+    def _after(self, fn, deps, label):
         wait(deps)
-        self._timed(fn, label)
+        return self._timed(fn, label)
 
-    def _timed(self, fn, label) -> None:
+    def _timed(self, fn, label):
+        """fn's result (what the op brought), its span traced."""
         start = time.perf_counter()
         with torch.inference_mode():  # grad mode is per thread; homes may be inference tensors
-            fn()
+            result = fn()
         if self.trace is not None:
             self.trace({**label, "start_s": start - self.origin,
                         "end_s": time.perf_counter() - self.origin})
+        return result
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def done(value=None) -> Future:
+    """A future that already holds `value` (a buffer that needed no move)."""
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def wait(futures: list[Future | None]) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from flexgen_lab.engine import schedule
+from flexgen_lab.engine import dependencies, schedule
 from flexgen_lab.engine.placement import batch_ranges, split_units
 from flexgen_lab.engine.policy import Policy
 from flexgen_lab.engine.schedule import Op
@@ -120,15 +120,10 @@ def run_stream(ops: Iterable[Op], cost_of: Callable[[Op], Cost], overlap: bool,
             if op.token != token:
                 phase[token > 0] += clock.now - mark
                 token, mark = op.token, clock.now
-            deps = [("weight", op.token, op.layer)]
-            if op.layer > 0:
-                deps.append(("hidden", op.batch))
-            if op.token > 0:
-                deps.append(("cache", op.layer, op.batch))
-            begin, end = clock.compute(deps, cost)
+            begin, end = clock.compute(dependencies.waits_for(op), cost)
         else:
-            key, deps, store = _buffer(op)
-            begin, end = clock.io(key, deps, cost, store)
+            begin, end = clock.io(dependencies.fills(op), dependencies.waits_for(op), cost,
+                                  dependencies.is_store(op))
             if not cost.links:
                 continue  # the engine submits nothing for an op that moves nothing
         records.append({"op": op.kind, "token": op.token, "layer": op.layer,
@@ -137,21 +132,6 @@ def run_stream(ops: Iterable[Op], cost_of: Callable[[Op], Cost], overlap: bool,
     end = max(clock.now, clock.stores_end)
     phase[token > 0] += end - mark
     return phase, end, records
-
-
-def _buffer(op: Op) -> tuple[tuple, list[tuple], bool]:
-    """(the buffer an I/O op fills, the ops it waits for, whether it is a store)."""
-    if op.kind == "load_weight":
-        return ("weight", op.token, op.layer), [], False
-    if op.kind == "load_cache":
-        return ("cache", op.layer, op.batch), [("cache_store", op.layer, op.batch)], False
-    if op.kind == "load_hidden":
-        return ("hidden", op.batch), [("hidden_store", op.batch)], False
-    if op.kind == "store_cache":
-        return ("cache_store", op.layer, op.batch), [("cache_store", op.layer, op.batch)], True
-    if op.kind == "store_hidden":
-        return ("hidden_store", op.batch), [("hidden_store", op.batch)], True
-    raise ValueError(f"op kind {op.kind!r}; allowed: {schedule.OP_KINDS}")
 
 
 class OpCosts:
