@@ -146,12 +146,12 @@ class Engine:
             raise ValueError(f"{input_ids.shape[0]} prompts is not a multiple of the block size "
                              f"{block}")
         links = Links()
-        generator = torch.Generator().manual_seed(sampling.seed)
         outputs, prefill_s, decode_s = [], 0.0, 0.0
         for start in range(0, input_ids.shape[0], block):
             batches = self.block_batches(input_ids, attention_mask, start, gen_len, sampling)
             used = self.tiers.checkpoint()
             try:
+                generator = block_generator(sampling, start // block)
                 p, d = BlockRun(self, batches, gen_len, sampling, generator, links).run()
             finally:
                 self.tiers.restore(used)  # the block's cache, activations and staging go
@@ -167,6 +167,12 @@ class Engine:
         return [BatchState(input_ids[s:s + b], attention_mask[s:s + b], gen_len, self.device,
                            None if forced is None else forced[s:s + b])
                 for s in range(start, start + self.policy.block_size, b)]
+
+
+def block_generator(sampling: Sampling, block_index: int) -> torch.Generator:
+    """Block k samples from its own stream (seed + k), so its tokens do not depend on the
+    order blocks run in: one after another here, interleaved token by token in a pipeline."""
+    return torch.Generator().manual_seed(sampling.seed + block_index)
 
 
 class BlockRun:

@@ -21,7 +21,7 @@ import torch
 
 from flexgen_lab.engine import cuda_sync
 from flexgen_lab.engine.batch import Sampling
-from flexgen_lab.engine.engine import BlockRun, Engine
+from flexgen_lab.engine.engine import BlockRun, Engine, block_generator
 from flexgen_lab.engine.transfer import Links
 from flexgen_lab.pipeline.comm import HIDDEN, TOKENS, StageComm
 
@@ -52,7 +52,6 @@ def generate_stage(engine: Engine, comm: StageComm, input_ids: torch.Tensor,
         raise ValueError(f"{input_ids.shape[0]} prompts is not a multiple of the block size "
                          f"{block}")
     links, phase = Links(), [0.0, 0.0]
-    generator = torch.Generator().manual_seed(sampling.seed)
     network = {"prefill": 0, "decode": 0}
     outputs = []
     wave = block * micro_blocks
@@ -64,6 +63,7 @@ def generate_stage(engine: Engine, comm: StageComm, input_ids: torch.Tensor,
             for m, start in enumerate(starts):
                 batches = engine.block_batches(input_ids, attention_mask, start, gen_len,
                                                sampling)
+                generator = block_generator(sampling, start // block)
                 runs.append(BlockRun(engine, batches, gen_len, sampling, generator, links,
                                      origin, (start // block) * len(batches), f"mb{m}_"))
             _run_wave(engine, comm, runs, gen_len, phase, network)

@@ -87,13 +87,13 @@ def test_opt_over_three_stages_is_the_single_process_run(hf_checkpoint, tmp_path
     assert not [p for p in (tmp_path / "offload").rglob("*") if p.is_file()]  # scratch gone
 
 
-def test_llama_over_two_stages_with_cache_on_disk(hf_checkpoint, tmp_path):
-    path, _ = hf_checkpoint("llama-gqa")
+def test_llama_over_two_stages_with_cache_on_disk_sampled(hf_checkpoint, tmp_path):
+    path, _ = hf_checkpoint("llama-gqa")  # sampled: each block draws from its own stream
     assert list(stage_layers(3, 2, 0)) == [0, 1]  # stage 0 takes the odd layer
     policy = ["model=local", f"model.path={path}", "workload.prompt_len=10",
               "workload.gen_len=4", "policy.gpu_batch_size=3", "policy.num_gpu_batches=1",
               "policy.cache.gpu=0", "policy.cache.cpu=0", "policy.activations.gpu=0",
-              "policy.activations.cpu=1", "schedule=row_by_row",
+              "policy.activations.cpu=1", "schedule=row_by_row", "workload.temperature=0.8",
               f"engine.offload_dir={tmp_path}/offload"]
     store = f"{tmp_path}/r.sqlite"
     out = torchrun(2, [*policy, "distributed.stages=2", f"store.path={store}"], tmp_path)
