@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from flexgen_lab.engine.engine import Engine
 from flexgen_lab.engine.policy import Policy
 from flexgen_lab.models.gguf import GGUFWeights, open_reader, unpermute_rows
-from flexgen_lab.models.gguf_writer import (NoGGUFForm, permute_rows, synthetic_vocab,
-                                            write_gguf)
+from flexgen_lab.models.gguf_writer import NoGGUFForm, permute_rows, synthetic_vocab, write_gguf
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights, part_names
 from flexgen_lab.workload import synthetic_prompts
@@ -74,13 +73,15 @@ def test_tied_head_and_gqa_and_the_vocabulary(tmp_path):
 def test_transformers_reads_the_file_to_the_engines_greedy_tokens(tiny, tmp_path):
     """transformers' gguf_file= reader (its own un-permutation and config mapping) is an
     independent check of the writer: same greedy tokens as our engine on the same weights."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec, weights = tiny
     write_gguf(weights, spec, torch.float32, tmp_path / "m.gguf")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf",
                                               dtype=torch.float32).eval()
     assert hf.config.num_key_value_heads == spec.num_kv_heads
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")  # the vocabulary
+    assert len(tokenizer) == spec.vocab and tokenizer.eos_token_id == spec.eos_token_id
     ids, mask = synthetic_prompts(spec, 3, 12, seed=2, varied_lengths=True)
     ours = Engine(spec, weights, Policy(gpu_batch_size=3), dtype=torch.float32).generate(
         ids, mask, 8).output_ids
