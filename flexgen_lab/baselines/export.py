@@ -48,13 +48,15 @@ def checkpoint_dir(weights, spec: ModelSpec, dtype: torch.dtype, offload_dir: st
                          lambda tmp: _write_checkpoint(weights, spec, dtype, tmp))
 
 
-def gguf_file(weights, spec: ModelSpec, dtype: torch.dtype, offload_dir: str) -> Path:
-    """A llama.cpp GGUF file holding exactly `weights`: model.path when it is a .gguf, else
-    written once (models/gguf_writer.py) into the weight cache as `<key>/model.gguf`."""
+def gguf_file(weights, spec: ModelSpec, dtype: torch.dtype, offload_dir: str,
+              rewrite: bool = False) -> Path:
+    """A llama.cpp GGUF file holding exactly `weights`: model.path when it is a .gguf (unless
+    `rewrite`: then its dequantised tensors in `dtype`), else written once
+    (models/gguf_writer.py) into the weight cache as `<key>/model.gguf`."""
     from flexgen_lab.models.gguf import GGUFWeights
     from flexgen_lab.models.gguf_writer import write_gguf
 
-    if isinstance(weights, GGUFWeights):
+    if isinstance(weights, GGUFWeights) and not rewrite:
         return weights.path
     target = cached_export(weights, dtype, offload_dir, GGUF_EXPORT,
                            lambda tmp: write_gguf(weights, spec, dtype, tmp / GGUF_NAME))

@@ -175,6 +175,20 @@ def generate_batched(path, prompts: list[list[int]], gen_len: int, n_gpu_layers:
     return outputs, first - start, done - first
 
 
+def generate(path, prompts: list[list[int]], gen_len: int, batch_size: int,
+             n_gpu_layers: int = 0) -> Generation:
+    """Greedy tokens of every prompt, batch by batch, and the paper's times summed."""
+    _quiet()
+    outputs, prefill_s, decode_s = [], 0.0, 0.0
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        go = generate_single if len(chunk) == 1 else generate_batched
+        out, p, d = go(path, chunk, gen_len, n_gpu_layers)
+        outputs += out
+        prefill_s, decode_s = prefill_s + p, decode_s + d
+    return Generation(torch.tensor(outputs, dtype=torch.long), prefill_s, decode_s)
+
+
 def run(spec, weights, ids, mask, gen_len: int, batch_size: int, device: torch.device,
         dtype: torch.dtype, budgets: dict[str, int], offload_dir: str):
     """Write (or take) the GGUF file, generate batch by batch, report (Generation, columns)."""
@@ -184,17 +198,8 @@ def run(spec, weights, ids, mask, gen_len: int, batch_size: int, device: torch.d
     path = gguf_file(weights, spec, dtype, offload_dir)
     layer_bytes = sum(np.prod(s) for s in spec.layer_param_shapes().values()) * dtype.itemsize
     n_gpu = gpu_layers(spec, budgets, device, int(layer_bytes))
-    prompts = unpadded(ids, mask)
-    _quiet()
-    outputs, prefill_s, decode_s = [], 0.0, 0.0
     with PeakRssSplit() as rss:
-        for s in range(0, len(prompts), batch_size):
-            chunk = prompts[s:s + batch_size]
-            go = generate_single if len(chunk) == 1 else generate_batched
-            out, p, d = go(path, chunk, gen_len, n_gpu)
-            outputs += out
-            prefill_s, decode_s = prefill_s + p, decode_s + d
-    gen = Generation(torch.tensor(outputs, dtype=torch.long), prefill_s, decode_s)
+        gen = generate(path, unpadded(ids, mask), gen_len, batch_size, n_gpu)
     return gen, columns(spec, n_gpu, rss, path)
 
 
