@@ -264,8 +264,9 @@ def main() -> None:
     args = parser.parse_args()
     MODEL = args.model
     threads = torch.get_num_threads()
-    print(f"{MODEL} on {CPU.type} with {threads} torch threads in every system; this machine's "
-          "other jobs share its cores, so the figures are noisy")
+    print(f"{MODEL if args.only != ['llamacpp'] else 'llama.cpp section'} on {CPU.type} with "
+          f"{threads} torch threads in every system; this machine's other jobs share its "
+          "cores, so the figures are noisy")
     start = time.perf_counter()
     if "uncapped" in args.only:
         uncapped(["float32"] if args.quick else ["float32", "bfloat16"],
