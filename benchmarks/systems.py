@@ -14,6 +14,11 @@ Systems:
                computes, the rest on its disk (mapped safetensors, read through the page cache)
   ours         flexgen_lab's engine; `w_gpu`/`w_cpu` placement (the rest on the disk tier),
                `disk_io` direct or buffered, block = gpu_batch_size x num_gpu_batches
+  llamacpp     llama.cpp on a GGUF file written from the same weights in `dtype` (or, with
+               `file: own`, the `gguf` file itself, e.g. SmolLM2's Q4_1); batch 1 through its
+               high-level API, larger batches in one batched llama_decode per step
+
+`gguf` (a path) takes the weights from a .gguf file (dequantised) instead of dummy weights.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ from flexgen_lab.baselines.export import checkpoint_dir
 from flexgen_lab.baselines.rss import PeakRssSplit
 from flexgen_lab.engine.engine import Engine
 from flexgen_lab.engine.policy import Placement, Policy
+from flexgen_lab.models.gguf import GGUFWeights
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
 from flexgen_lab.units import TORCH_DTYPES
-from flexgen_lab.workload import synthetic_prompts
+from flexgen_lab.workload import synthetic_prompts, unpadded
 
 CPU = torch.device("cpu")
 
@@ -66,6 +72,14 @@ def build(args: dict, spec, weights, dtype, stack):
                                          args["offload_dir"], scratch)
         return (lambda ids, mask: hf_generate.generate(model, ids, mask, gen_len, batch, CPU),
                 shares)
+    if args["system"] == "llamacpp":
+        from flexgen_lab.baselines import llamacpp
+        from flexgen_lab.baselines.export import gguf_file
+
+        path = weights.path if args.get("file") == "own" else gguf_file(
+            weights, spec, dtype, args["offload_dir"], rewrite=True)
+        return (lambda ids, mask: llamacpp.generate(path, unpadded(ids, mask), gen_len, batch),
+                {"gpu": 0.0, "cpu": 1.0, "disk": 0.0})
     gbs = args.get("gpu_batch_size") or batch
     policy = Policy(gpu_batch_size=gbs, num_gpu_batches=batch // gbs,
                     weights=Placement(args["w_gpu"], args["w_cpu"]),
@@ -84,9 +98,13 @@ def measure(args: dict) -> dict:
     from contextlib import ExitStack
 
     torch.set_num_threads(args["threads"])
-    spec = ModelSpec.from_name(args["model"])
     dtype = TORCH_DTYPES[args["dtype"]]
-    weights = DummyWeights(spec, 0)
+    if args.get("gguf"):
+        weights = GGUFWeights(args["gguf"], name=args["model"])
+        spec = weights.spec
+    else:
+        spec = ModelSpec.from_name(args["model"])
+        weights = DummyWeights(spec, 0)
     ids, mask = synthetic_prompts(spec, args["batch"], args["prompt_len"], seed=0)
     n, gen_len = args["batch"], args["gen_len"]
     with ExitStack() as stack, torch.inference_mode():

@@ -19,6 +19,13 @@ capped     the regime FlexGen is for: every system in one memory cgroup below th
            block, as FlexGen does), with a warm and (full run only) a cold page cache. A
            system killed by the cap is reported as "does not fit".
 
+llamacpp   llama.cpp (llama-cpp-python) against ours resident on the same weights, prompt
+           64, 16 new tokens, batch 1 (its high-level API) and 16 (one batched llama_decode
+           per step): SmolLM2-135M-Instruct (its fetched Q4_1 file dequantised, written back
+           as F32 / BF16 GGUF) and a tinyllama-1.1b-shaped model (dummy weights written as
+           F32 / BF16 GGUF); tokens compared with ours. SmolLM2's own Q4_1 file is reported as
+           "llama.cpp Q4_1 kernels vs dequantised" (ours computes on the dequantised weights).
+
 The full run takes about an hour on 2 cores; --quick about 20 minutes.
 """
 
@@ -196,19 +203,70 @@ def summarize_capped(best: dict, first_batch: int) -> None:
                       f"best ({acc[0]}): {ours[1] / acc[1]:.2f} (target >= 2)")
 
 
+LLAMACPP_MODELS = ("smollm2-135m-instruct", "tinyllama-1.1b")
+
+
+def llamacpp(dtypes: list[str], batches: list[int], threads: int) -> None:
+    from flexgen_lab.fetch import artifact_path
+
+    base = {"prompt_len": 64, "gen_len": 16, "threads": threads, "warmup": 1, "repeats": 3,
+            "offload_dir": OFFLOAD}
+    for model in LLAMACPP_MODELS:
+        source = {"model": model}
+        if model.startswith("smollm2"):
+            path = artifact_path(model)
+            if not path.is_file():
+                print(f"\n[llamacpp] {model}: not fetched (python -m flexgen_lab fetch {model})")
+                continue
+            source["gguf"] = str(path)
+        for batch in batches:
+            for dtype in dtypes:
+                args = {**base, **source, "dtype": dtype, "batch": batch}
+                report_llamacpp(f"{model} {dtype}", batch, {
+                    "ours resident": child({**args, "system": "ours", "w_gpu": 1.0,
+                                            "w_cpu": 0.0}),
+                    f"llama.cpp {dtype} GGUF": child({**args, "system": "llamacpp"})})
+            if "gguf" in source:  # its own quantised file: different kernels, not a target
+                args = {**base, **source, "dtype": "float32", "batch": batch}
+                report_llamacpp(f"{model} Q4_1 (llama.cpp Q4_1 kernels vs dequantised)", batch, {
+                    "ours (dequantised, float32)": child({**args, "system": "ours",
+                                                         "w_gpu": 1.0, "w_cpu": 0.0}),
+                    "llama.cpp Q4_1 GGUF": child({**args, "system": "llamacpp",
+                                                  "file": "own"})}, target=False)
+
+
+def report_llamacpp(what: str, batch: int, results: dict[str, dict], target=True) -> None:
+    print(f"\n[llamacpp] {what}, prompt 64, 16 new tokens, batch {batch}: generation token/s "
+          "(measured; median of 3 after a warm-up, each system in a fresh process)")
+    (ours_label, ours), (cpp_label, cpp) = results.items()
+    for label, r in results.items():
+        extra = ""
+        if "killed" not in r:
+            extra = (f"  decode {median(r['decode_token_s']):.2f} token/s; {r['threads']} "
+                     f"threads; peak RSS anon {r['peak_rss_anon_bytes'] / 2**30:.2f} GiB, file "
+                     f"{r['peak_rss_file_bytes'] / 2**30:.2f} GiB")
+        print(f"  {label:30s} {fmt(r)}{extra}")
+    if "killed" not in ours and "killed" not in cpp:
+        same = "tokens = ours" if cpp["tokens"] == ours["tokens"] else "TOKENS DIFFER"
+        ratio = median(ours["generation_token_s"]) / median(cpp["generation_token_s"])
+        goal = " (target at batch 16: > 1)" if target and batch >= 16 else ""
+        print(f"  ours/llama.cpp {ratio:.2f}{goal}; llama.cpp's {same}")
+
+
 def main() -> None:
     global MODEL
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="float32 only, batch 1 and 4; capped: prompt 128, warm only")
-    parser.add_argument("--only", nargs="*", choices=["uncapped", "capped"],
-                        default=["uncapped", "capped"])
+    parser.add_argument("--only", nargs="*", choices=["uncapped", "capped", "llamacpp"],
+                        default=["uncapped", "capped", "llamacpp"])
     parser.add_argument("--model", default=MODEL, help="a smaller preset for a smoke run")
     args = parser.parse_args()
     MODEL = args.model
     threads = torch.get_num_threads()
-    print(f"{MODEL} on {CPU.type} with {threads} torch threads in every system; this machine's "
-          "other jobs share its cores, so the figures are noisy")
+    print(f"{MODEL if args.only != ['llamacpp'] else 'llama.cpp section'} on {CPU.type} with "
+          f"{threads} torch threads in every system; this machine's other jobs share its "
+          "cores, so the figures are noisy")
     start = time.perf_counter()
     if "uncapped" in args.only:
         uncapped(["float32"] if args.quick else ["float32", "bfloat16"],
@@ -218,6 +276,8 @@ def main() -> None:
             capped("float32", [1, 8], 128, 8, threads, cold=False)
         else:
             capped("float32", [1, 4, 16, 32], 512, 16, threads, cold=True)
+    if "llamacpp" in args.only:
+        llamacpp(["float32"] if args.quick else ["float32", "bfloat16"], [1, 16], threads)
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 

@@ -23,7 +23,7 @@ from flexgen_lab.results.store import StoreError, check_path
 from flexgen_lab.validation import parse_budgets, validate
 
 SIMULATED = torch.device("meta")  # backend=simulated computes nothing on any device
-SYSTEMS = ("flexgen_lab", "hf", "accelerate", "deepspeed")  # system=llamacpp: not built yet
+SYSTEMS = ("flexgen_lab", "hf", "accelerate", "deepspeed", "llamacpp")
 
 
 class NotBuiltError(ConfigError):
@@ -77,6 +77,26 @@ def check_deepspeed() -> None:
                           "'flexgen_lab[deepspeed]'") from None
 
 
+def check_llamacpp(spec: ModelSpec, dtype: str, path: str | None) -> None:
+    """system=llamacpp runs a GGUF file: the model must have one (a Llama-family model, written
+    in a precision GGUF has, unless model.path is one) and the extra must be installed."""
+    from flexgen_lab.models.gguf_writer import NoGGUFForm, check_writable
+    from flexgen_lab.units import TORCH_DTYPES
+
+    if not is_gguf(path):
+        try:
+            check_writable(spec, TORCH_DTYPES[dtype])
+        except NoGGUFForm as err:
+            raise ConfigError(f"system=llamacpp: {err}") from None
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        from flexgen_lab.baselines.llamacpp import INSTALL
+
+        raise ConfigError("system=llamacpp needs the llama-cpp-python package (the "
+                          f"[llamacpp] extra, built from source): {INSTALL}") from None
+
+
 def check_budgets(cfg: RunConfig, device: torch.device) -> dict[str, int]:
     """Tier budgets in bytes; a measured run may not promise more than this machine has."""
     budgets = parse_budgets(cfg.hardware, cfg.engine.offload_dir)
@@ -116,7 +136,10 @@ def prepare(cfg: RunConfig) -> tuple[ModelSpec, torch.device, str, dict[str, int
         budgets = parse_budgets(cfg.hardware, cfg.engine.offload_dir)
         return spec, SIMULATED, resolve_dtype(cfg.dtype, SIMULATED), budgets
     device = compute_device()
-    return spec, device, resolve_dtype(cfg.dtype, device), check_budgets(cfg, device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.system.name == "llamacpp":
+        check_llamacpp(spec, dtype, cfg.model.path)
+    return spec, device, dtype, check_budgets(cfg, device)
 
 
 def check_weight_files(path: str) -> None:
@@ -147,7 +170,8 @@ def check_paths(cfg: RunConfig) -> None:
         check_path(cfg.store.path)
     except StoreError as err:
         raise ConfigError(str(err)) from None
-    baseline = cfg.backend.name == "measured" and cfg.system.name in ("accelerate", "deepspeed")
+    baseline = cfg.backend.name == "measured" and cfg.system.name in (
+        "accelerate", "deepspeed", "llamacpp")
     if uses_disk(cfg) or baseline:  # a baseline's export and offload folder: page cache
         try:
             probe(cfg.engine.offload_dir, "buffered" if baseline else cfg.engine.disk_io)

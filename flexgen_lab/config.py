@@ -21,7 +21,7 @@ from flexgen_lab.units import TORCH_DTYPES
 SCHEDULES = ("row_by_row", "zigzag")  # engine/schedule.py implements each (a test checks)
 DTYPES = (*TORCH_DTYPES, "auto")
 BACKENDS = ("measured", "simulated")
-SYSTEMS = ("flexgen_lab", "hf", "accelerate", "deepspeed")
+SYSTEMS = ("flexgen_lab", "hf", "accelerate", "deepspeed", "llamacpp")
 DISK_IO = ("direct", "buffered")
 PROMPT_SOURCES = ("synthetic", "text", "corpus")
 TOKENIZED = ("text", "corpus")  # prompt sources that need the model's tokenizer

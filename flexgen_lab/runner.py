@@ -389,9 +389,16 @@ def _deepspeed():
     return deepspeed_zero
 
 
-# Baselines that load a checkpoint under the run's budgets: system name -> its module (each
+def _llamacpp():
+    from flexgen_lab.baselines import llamacpp
+
+    return llamacpp
+
+
+# Baselines that load a checkpoint (or GGUF file) themselves: system name -> its module (each
 # has run(spec, weights, ids, mask, gen_len, batch, device, dtype, budgets, offload_dir)).
-OFFLOADING_BASELINES = {"accelerate": _accelerate, "deepspeed": _deepspeed}
+OFFLOADING_BASELINES = {"accelerate": _accelerate, "deepspeed": _deepspeed,
+                        "llamacpp": _llamacpp}
 
 
 def engine_columns(engine: Engine, tiers: Tiers, gen: Generation) -> dict:

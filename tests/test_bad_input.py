@@ -106,6 +106,7 @@ LINES = [
     # options that exist but do not fit together, or are not built
     Line("run backend=simulated hardware=local", 2, "hardware=local"),
     Line("run distributed=pipeline", 2, "distributed=pipeline"),
+    Line("run system=llamacpp model=opt-tiny", 2, "opt family"),  # llama.cpp has no OPT
     Line("run engine.disk_io=mmap", 2, "engine.disk_io"),
     Line("run engine.weight_cache=sometimes", 2, "engine.weight_cache"),
     # missing and unusable paths
