@@ -42,7 +42,7 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return "float16" if device.type in ("cuda", SIMULATED.type) else "float32"
 
 
-PIPELINE_NOT_BUILT = ("measured", "simulated")  # backends that cannot run distributed=pipeline
+PIPELINE_NOT_BUILT = ("measured",)  # backends that cannot run distributed=pipeline
 
 
 def check_built(cfg: RunConfig) -> None:
@@ -113,6 +113,8 @@ def prepare(cfg: RunConfig) -> tuple[ModelSpec, torch.device, str, dict[str, int
     profile = HardwareProfile.from_config(cfg.hardware)  # its speeds and factors too
     if cfg.backend.name == "simulated":  # any profile, as long as it has speeds
         profile.require_speeds()
+        if cfg.distributed.name == "pipeline" and cfg.distributed.stages > 1:
+            profile.require_network()  # the stages' machines talk over it
         budgets = parse_budgets(cfg.hardware, cfg.engine.offload_dir)
         return spec, SIMULATED, resolve_dtype(cfg.dtype, SIMULATED), budgets
     device = compute_device()

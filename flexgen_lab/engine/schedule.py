@@ -59,7 +59,8 @@ def steps(name: str, num_tokens: int, num_layers: int, num_batches: int) -> Iter
     raise ValueError(f"schedule.name={name!r}; allowed: {SCHEDULES}")
 
 
-def ops(name: str, num_tokens: int, num_layers: int, num_batches: int) -> Iterator[Op]:
+def ops(name: str, num_tokens: int, num_layers: int, num_batches: int,
+        parts: range | None = None) -> Iterator[Op]:
     """The op stream: loads for the next step are issued before the current compute.
 
     num_layers counts the embedding (0) and the head (last). Weights load once per run of
@@ -68,8 +69,14 @@ def ops(name: str, num_tokens: int, num_layers: int, num_batches: int) -> Iterat
     prefetched when the step before it belongs to another batch (otherwise the current step
     is what produces it). Cache exists for decoder layers only, and the last token's new cache
     row is never read again, so it is not stored.
+
+    `parts` (a pipeline stage's, pipeline/stages.stage_parts) keeps that stage's steps: the
+    same rules over global layer indices, its first part's weights for the next token
+    requested as its last part's group starts, its first decoder layer's input loaded from
+    the activation home (where the previous stage's activations arrive).
     """
-    cells = list(steps(name, num_tokens, num_layers, num_batches))
+    cells = [c for c in steps(name, num_tokens, num_layers, num_batches)
+             if parts is None or c.layer in parts]
     head = num_layers - 1
     groups = _weight_group_starts(cells)
     yield Op("load_weight", cells[0].token, cells[0].layer, cells[0].batch)

@@ -31,6 +31,7 @@ from flexgen_lab.results.schema import (
     MIGRATIONS,
     RUN_COLUMNS,
     SCHEMA_VERSION,
+    STAGE_COLUMNS,
     STATUSES,
     TRACE_COLUMNS,
     read_version,
@@ -40,6 +41,7 @@ _RUN_NAMES = [name for name, _ in RUN_COLUMNS]
 _WRITABLE_RUN_NAMES = frozenset(_RUN_NAMES) - {"run_id"}
 _TRACE_NAMES = [name for name, _ in TRACE_COLUMNS if name != "run_id"]
 _EVAL_NAMES = [name for name, _ in EVAL_COLUMNS if name != "run_id"]
+_STAGE_NAMES = [name for name, _ in STAGE_COLUMNS if name != "run_id"]
 
 # Lock contention: busy_timeout makes SQLite wait by itself; the retry loop covers the cases
 # where SQLite reports "locked"/"busy" without waiting (WAL setup, schema changes, snapshots).
@@ -282,6 +284,28 @@ class ResultStore:
                     [(run_id, *eval_row) for eval_row in eval_rows],
                 )
         return run_id
+
+    def record_stages(self, run_id: int, rows: list[dict[str, Any]]) -> None:
+        """Add a pipeline run's `stages` rows (STAGE_COLUMNS' names but run_id; a missing key
+        is stored as NULL) in one transaction: all of them or none."""
+        unknown = sorted({name for row in rows for name in row} - set(_STAGE_NAMES))
+        if unknown:
+            raise ValueError(f"unknown stage columns {unknown}; allowed: {_STAGE_NAMES}")
+        values = [(run_id, *(_plain(row.get(name)) for name in _STAGE_NAMES)) for row in rows]
+        sql = (f"INSERT INTO stages (run_id, {', '.join(_STAGE_NAMES)})"
+               f" VALUES ({', '.join('?' for _ in range(len(_STAGE_NAMES) + 1))})")
+
+        def insert() -> None:
+            with self._writing() as conn:
+                conn.executemany(sql, values)
+
+        _with_retry(insert)
+
+    def stages(self, run_id: int) -> pd.DataFrame:
+        """The run's `stages` rows, stage by stage."""
+        with self._reading() as conn:
+            return pd.read_sql_query("SELECT * FROM stages WHERE run_id = ? ORDER BY stage",
+                                     conn, params=(run_id,))
 
     # -- reading ------------------------------------------------------------------------------
 
