@@ -257,6 +257,12 @@ def _check_workload(cfg: RunConfig, spec: ModelSpec) -> list[str]:
     if w.num_prompts is not None and p.name == "manual" and block > 0 and w.num_prompts % block:
         out.append(f"workload.num_prompts={w.num_prompts}: must be a multiple of the block "
                    f"gpu_batch_size x num_gpu_batches = {block}")
+    elif (cfg.distributed.name == "pipeline" and w.num_prompts is not None and block > 0
+          and p.name == "manual" and isinstance(cfg.distributed.micro_blocks, int | None)):
+        group = (cfg.distributed.micro_blocks or cfg.distributed.stages) * block
+        if isinstance(group, int) and w.num_prompts % group:
+            out.append(f"workload.num_prompts={w.num_prompts}: under distributed=pipeline a "
+                       f"multiple of micro_blocks x block = {group} (null: exactly that)")
     if (w.prompts in TOKENIZED or w.prompt_text is not None) and not cfg.model.path:
         what = (f"workload.prompts={w.prompts!r}" if w.prompt_text is None
                 else "workload.prompt_text")
