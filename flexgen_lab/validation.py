@@ -192,6 +192,10 @@ def _check_distributed(cfg: RunConfig) -> list[str]:
     if not (isinstance(d.timeout_s, int | float) and math.isfinite(d.timeout_s)
             and d.timeout_s > 0):
         out.append(f"distributed.timeout_s={d.timeout_s!r}: must be a number of seconds > 0")
+    if d.name == "pipeline" and cfg.schedule.name != "zigzag":
+        out.append(f"schedule={cfg.schedule.name} with distributed=pipeline: a micro-block "
+                   "passes a stage one token at a time, layer by layer over all its GPU "
+                   "batches (the original's order); allowed: schedule=zigzag")
     if d.name == "none" and d.stages != 1:
         out.append(f"distributed.stages={d.stages!r} with distributed=none: one process is one "
                    "stage; allowed: distributed.stages=1, or distributed=pipeline")

@@ -68,6 +68,13 @@ def pipeline_prompts(policy: Policy, stages: int, micro_blocks: int | None,
     return num_prompts or blocks_in_flight(stages, micro_blocks) * policy.block_size
 
 
+def check_schedule(schedule: str) -> None:
+    """Several stages pass a micro-block on one token at a time, each stage going layer by
+    layer over all its GPU batches: the zig-zag order (the original's DistOptLM loop)."""
+    if schedule != "zigzag":
+        raise ValueError(f"schedule={schedule!r} with several pipeline stages; allowed: zigzag")
+
+
 @dataclass
 class PipelinePrediction:
     prefill_s: float
@@ -92,6 +99,7 @@ def predict_pipeline(spec: ModelSpec, policy: Policy, schedule: str, profile: Ha
         return predict(spec, policy, schedule, profile, prompt_len, gen_len, dtype_bytes,
                        num_prompts)
     profile.require_network()
+    check_schedule(schedule)
     per_stage = [predict_stage(spec, stages, s, policy, schedule, profile, prompt_len,
                                gen_len, dtype_bytes) for s in range(stages)]
     hop = {k: profile.network_seconds(n)

@@ -33,7 +33,7 @@ from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.pipeline.stages import micro_blocks as blocks_in_flight
 from flexgen_lab.pipeline.stages import stage_layers, stage_parts
 from flexgen_lab.planner.memory_model import peak_bytes
-from flexgen_lab.planner.pipeline import message_bytes, pipeline_prompts, stage_spec
+from flexgen_lab.planner.pipeline import check_schedule, message_bytes, pipeline_prompts, stage_spec
 from flexgen_lab.sim.simulator import OpCosts, run_stream, simulate
 
 PHASES = ("prefill", "decode")
@@ -119,6 +119,7 @@ def simulate_pipeline(spec: ModelSpec, policy: Policy, schedule_name: str,
                        gen_len, dtype_bytes, profile.workers())
     profile.require_speeds()
     profile.require_network()
+    check_schedule(schedule_name)
     per_stage = [simulate_stage(spec, policy, schedule_name, profile, prompt_len, gen_len,
                                 dtype_bytes, stages, s) for s in range(stages)]
     rounds = num_prompts // (m * policy.block_size)
