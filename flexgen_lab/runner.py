@@ -345,7 +345,7 @@ def _simulated_pipeline(cfg: RunConfig, spec: ModelSpec, dtype: str, store: Resu
     row |= pipeline.run_columns(sim) | (
         {"status": "oom", "error": "BudgetExceeded (simulated): " + "; ".join(over)} if over
         else {"status": "ok", **metrics(sim, sim.num_prompts, w.prompt_len, w.gen_len)})
-    run_id = store.record_run(row)
+    run_id = store.record_run(row, trace=pipeline.trace_rows(sim) if cfg.trace else None)
     store.record_stages(run_id, [st.row() for st in sim.stages])
     if over:
         raise RunFailed(row["error"], run_id, "oom")

@@ -199,3 +199,11 @@ def run_columns(sim: PipelineSimulation) -> dict:
             **{f"peak_{tier}_bytes": int(max(st.peaks[tier] for st in sim.stages))
                for tier in ("gpu", "cpu", "disk")},
             "link_bytes_json": json.dumps(moved)}
+
+
+def trace_rows(sim: PipelineSimulation) -> list[dict]:
+    """trace=true: one row per stage step (rank and stage the stage's, batch the
+    micro-block, layer null: the step covers the stage's parts), for timelines."""
+    return [{"rank": r["stage"], "stage": r["stage"], "device": "simulated", "op": "compute",
+             "token": r["token"], "layer": None, "batch": r["micro_block"], "link": None,
+             "bytes": 0, "start_s": r["start_s"], "end_s": r["end_s"]} for r in sim.steps]

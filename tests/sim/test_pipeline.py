@@ -17,7 +17,7 @@ SMALL = ["backend=simulated", "model=opt-125m", "workload.prompt_len=64", "workl
 def test_a_simulated_pipeline_stores_its_stages(tmp_path):
     db = tmp_path / "r.sqlite"
     cfg = compose_run_config([*SMALL, "hardware=t4-paper-x4", "distributed=pipeline",
-                              "distributed.stages=4", f"store.path={db}"])
+                              "distributed.stages=4", "trace=true", f"store.path={db}"])
     result = run(cfg)
     plain = run(compose_run_config([*SMALL, "hardware=t4-paper-x4", f"store.path={db}"]))
     store = ResultStore(db)
@@ -30,6 +30,8 @@ def test_a_simulated_pipeline_stores_its_stages(tmp_path):
     assert (stages.bytes_network > 0).all() and stages.peak_rss_bytes.isna().all()
     assert runs.predicted_generation_throughput[0] > 0
     assert store.stages(plain.run_id).empty
+    trace = store.trace(result.run_id)  # a step per (stage, token, micro-block)
+    assert len(trace) == 4 * 4 * 4 and sorted(set(trace["rank"])) == [0, 1, 2, 3]
 
 
 def test_a_profile_without_a_network_is_refused_naming_the_keys(tmp_path):
