@@ -19,8 +19,8 @@ from collections.abc import Callable
 from flexgen_lab.compose import compose_run_config, load_profile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.pipeline import predict_pipeline
-from flexgen_lab.sim.pipeline import simulate_pipeline
 from flexgen_lab.runner import to_policy
+from flexgen_lab.sim.pipeline import simulate_pipeline
 
 PAPER = {1: (7.32, 11.52), 4: (23.61, 48.94)}  # facts §5, OPT-30B: generation, decode token/s
 POLICIES = {1: "paper-30b-512-asrun", 4: "paper-30b-512-x4-asrun"}
