@@ -390,7 +390,8 @@ def over_capacity(planned: list[Planned], store: ResultStore) -> dict[str, float
 
     out = {}
     for p in planned:
-        if p.cfg is None or p.cfg.backend.name != "simulated" or p.cfg.policy.name != "manual":
+        if (p.cfg is None or p.cfg.backend.name != "simulated" or p.cfg.policy.name != "manual"
+                or p.cfg.distributed.name != "none"):  # (a single machine's figure)
             continue
         oom = store.runs("config_hash = ? AND status = 'oom'", [p.config_hash])
         if not len(oom) or not _only_gpu_over(str(oom.error.iloc[-1])):
