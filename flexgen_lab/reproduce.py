@@ -412,7 +412,8 @@ def header(exp: Experiment, scale: Scale, planned: list[Planned], args: list[str
     from flexgen_lab.runner import device_name
 
     names = [p.cfg.hardware.name for p in planned if p.cfg is not None]
-    hardware = max(set(names), key=names.count) if names else "-"  # the scale's machine
+    # the scale's machine: the most cells' (a tie: the first by name, so file names are stable)
+    hardware = max(sorted(set(names)), key=names.count) if names else "-"
     device = "simulated" if scale.backend == "simulated" else device_name(compute_device())
     return {"experiment": exp.name, "title": exp.title, "scale": scale.name,
             "backend": scale.backend, "hardware": hardware, "device": device,
