@@ -42,9 +42,6 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return "float16" if device.type in ("cuda", SIMULATED.type) else "float32"
 
 
-PIPELINE_NOT_BUILT = ("simulated",)  # backends that cannot run distributed=pipeline
-
-
 def check_built(cfg: RunConfig) -> None:
     """Refuse, by name, every option that is configured but not implemented yet."""
     if cfg.backend.name == "simulated" and cfg.system.name != "flexgen_lab":
@@ -55,9 +52,6 @@ def check_built(cfg: RunConfig) -> None:
     missing = []
     if cfg.system.name not in SYSTEMS:
         missing.append(f"system={cfg.system.name} (that baseline)")
-    if cfg.distributed.name != "none" and cfg.backend.name in PIPELINE_NOT_BUILT:
-        missing.append(f"distributed={cfg.distributed.name} with backend={cfg.backend.name} "
-                       "(pipeline parallelism)")
     if missing:
         raise NotBuiltError("not built yet: " + "; ".join(missing) + "; allowed: "
                             f"system={'|'.join(SYSTEMS)}, distributed=none")
@@ -133,6 +127,8 @@ def prepare(cfg: RunConfig) -> tuple[ModelSpec, torch.device, str, dict[str, int
     profile = HardwareProfile.from_config(cfg.hardware)  # its speeds and factors too
     if cfg.backend.name == "simulated":  # any profile, as long as it has speeds
         profile.require_speeds()
+        if cfg.distributed.name == "pipeline" and cfg.distributed.stages > 1:
+            profile.require_network()  # the stages' machines talk over it
         budgets = parse_budgets(cfg.hardware, cfg.engine.offload_dir)
         return spec, SIMULATED, resolve_dtype(cfg.dtype, SIMULATED), budgets
     device = compute_device()

@@ -111,6 +111,8 @@ class HardwareConfig:
     io_workers: Any = None  # I/O workers (loads and stores in flight); null: the device's default
     io_latency_s: Any = None  # {link: seconds each copy on it costs beyond bytes / bandwidth}
     op_tables: Any = None  # {shape key: {op: [[size, seconds], ...]}} (hardware/op_table.py)
+    bw_network: Any = None  # bytes/s from one machine to the next stage's (distributed=pipeline)
+    network_latency_s: Any = None  # seconds each message between stages costs beyond bytes / bw
 
 
 @dataclass

@@ -405,7 +405,8 @@ def over_capacity(planned: list[Planned], store: ResultStore) -> dict[str, float
 
     out = {}
     for p in planned:
-        if p.cfg is None or p.cfg.backend.name != "simulated" or p.cfg.policy.name != "manual":
+        if (p.cfg is None or p.cfg.backend.name != "simulated" or p.cfg.policy.name != "manual"
+                or p.cfg.distributed.name != "none"):  # (a single machine's figure)
             continue
         oom = store.runs("config_hash = ? AND status = 'oom'", [p.config_hash])
         if not len(oom) or not _only_gpu_over(str(oom.error.iloc[-1])):
@@ -426,7 +427,8 @@ def header(exp: Experiment, scale: Scale, planned: list[Planned], args: list[str
     from flexgen_lab.runner import device_name
 
     names = [p.cfg.hardware.name for p in planned if p.cfg is not None]
-    hardware = max(set(names), key=names.count) if names else "-"  # the scale's machine
+    # the scale's machine: the most cells' (a tie: the first by name, so file names are stable)
+    hardware = max(sorted(set(names)), key=names.count) if names else "-"
     device = "simulated" if scale.backend == "simulated" else device_name(compute_device())
     return {"experiment": exp.name, "title": exp.title, "scale": scale.name,
             "backend": scale.backend, "hardware": hardware, "device": device,

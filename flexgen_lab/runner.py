@@ -25,6 +25,7 @@ from flexgen_lab.checks import SIMULATED, NotBuiltError, check_paths, prepare
 from flexgen_lab.config import ConfigError, RunConfig
 from flexgen_lab.engine.engine import Callbacks, Engine, Generation, Sampling
 from flexgen_lab.engine.memory import PeakRSS
+from flexgen_lab.engine.placement import TIERS
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.engine.transfer import DEFAULT_IO_WORKERS, IO_THREADS
@@ -32,7 +33,14 @@ from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import open_weights
 from flexgen_lab.pipeline.comm import check_world
+from flexgen_lab.pipeline.stages import micro_blocks as blocks_in_flight
 from flexgen_lab.planner.cost_model import flexgen_original, predict
+from flexgen_lab.planner.pipeline import (
+    heaviest_stage,
+    pipeline_prompts,
+    predict_pipeline,
+    stage_spec,
+)
 from flexgen_lab.results.store import ResultStore, StoreError
 from flexgen_lab.units import TORCH_DTYPES
 from flexgen_lab.validation import model_spec
@@ -125,11 +133,17 @@ def config_columns(cfg: RunConfig, spec: ModelSpec, dtype: str, device: torch.de
         system=cfg.system.name, backend=cfg.backend.name, device=device_name(device),
         hardware=cfg.hardware.name, dtype=dtype, seed=cfg.seed, model=spec.name,
         schedule=cfg.schedule.name, prompt_len=cfg.workload.prompt_len,
-        gen_len=cfg.workload.gen_len, num_prompts=cfg.workload.num_prompts or p.block_size,
+        gen_len=cfg.workload.gen_len, num_prompts=run_prompts(cfg),
+        num_stages=cfg.distributed.stages,
         gpu_budget_bytes=budgets["gpu"], cpu_budget_bytes=budgets["cpu"],
         disk_budget_bytes=budgets["disk"], version=__version__, git_commit=git_commit(),
-        num_stages=cfg.distributed.stages,
     )
+
+
+def run_prompts(cfg: RunConfig) -> int:
+    """workload.num_prompts, else one block (micro_blocks blocks under the pipeline)."""
+    d = cfg.distributed
+    return pipeline_prompts(to_policy(cfg), d.stages, d.micro_blocks, cfg.workload.num_prompts)
 
 
 def io_workers(cfg: RunConfig, device: torch.device) -> int:
@@ -155,6 +169,10 @@ def prediction_columns(cfg: RunConfig, spec: ModelSpec, dtype: str,
     policy, w = to_policy(cfg), cfg.workload
     if cfg.cost_model.variant == "flexgen-original":  # one block, as the original modelled
         pred = flexgen_original(spec, policy, profile, w.prompt_len, w.gen_len)
+    elif cfg.distributed.name == "pipeline":
+        pred = predict_pipeline(spec, policy, cfg.schedule.name, profile, w.prompt_len,
+                                w.gen_len, TORCH_DTYPES[dtype].itemsize, cfg.distributed.stages,
+                                cfg.distributed.micro_blocks, run_prompts(cfg))
     else:
         pred = predict(spec, policy, cfg.schedule.name, profile, w.prompt_len, w.gen_len,
                        TORCH_DTYPES[dtype].itemsize, w.num_prompts or policy.block_size)
@@ -216,11 +234,16 @@ def searched(cfg: RunConfig, spec: ModelSpec, dtype: str, device: torch.device) 
     profile = run_profile(cfg, device)
     profile.require_speeds()
     w = cfg.workload
+    micro_blocks = 1
+    if cfg.distributed.name == "pipeline":  # the heaviest stage's layers on one machine
+        d = cfg.distributed
+        spec = stage_spec(spec, d.stages, heaviest_stage(spec, d.stages))[0]
+        micro_blocks = blocks_in_flight(d.stages, d.micro_blocks)
     found = search(spec, profile, w.prompt_len, w.gen_len, TORCH_DTYPES[dtype].itemsize,
                    to_policy(cfg), cfg.schedule.name, cfg.policy.cpu_delegation,
                    compress=(cfg.policy.compress_weight, cfg.policy.compress_cache),
                    max_block_size=cfg.search.max_block_size,
-                   rerank_top=cfg.search.rerank_top)
+                   rerank_top=cfg.search.rerank_top, micro_blocks=micro_blocks)
     if found is None:
         raise ConfigError(f"policy=search: no policy fits {spec.name} in hardware="
                           f"{cfg.hardware.name}'s budgets")
@@ -256,8 +279,7 @@ def run(cfg: RunConfig, callbacks: Callbacks | None = None) -> RunResult:
         return _simulated(cfg, spec, dtype, store, row, tracer)
     if cfg.distributed.name == "pipeline":
         return _pipeline(cfg, spec, device, dtype, budgets, row, store, tracer, callbacks)
-    ids, mask, tokenizer = make_prompts(cfg, spec, cfg.workload.num_prompts
-                                        or to_policy(cfg).block_size)
+    ids, mask, tokenizer = make_prompts(cfg, spec, run_prompts(cfg))
     try:
         progress = ProgressBar(cfg, spec) if cfg.system.name == "flexgen_lab" else None
         with progress or contextlib.nullcontext():
@@ -284,8 +306,7 @@ def _pipeline(cfg: RunConfig, spec: ModelSpec, device: torch.device, dtype: str,
     run with its stages; the other ranks return without a row (run_id None)."""
     from flexgen_lab.pipeline import run as pipeline
 
-    num_prompts = pipeline.pipeline_prompts(cfg)
-    row = {**row, "num_prompts": num_prompts}
+    num_prompts = row["num_prompts"]  # run_prompts: micro_blocks x block when null
     ids, mask, tokenizer = make_prompts(cfg, spec, num_prompts)
     try:
         out = pipeline.run_stages(cfg, spec, device, dtype, budgets, to_policy(cfg), ids, mask,
@@ -314,6 +335,8 @@ def _simulated(cfg: RunConfig, spec: ModelSpec, dtype: str, store: ResultStore, 
     from flexgen_lab.planner.memory_model import peak_bytes
     from flexgen_lab.sim.simulator import simulate
 
+    if cfg.distributed.name == "pipeline":
+        return _simulated_pipeline(cfg, spec, dtype, store, row)
     policy, w = to_policy(cfg), cfg.workload
     q = TORCH_DTYPES[dtype].itemsize
     num_prompts = w.num_prompts or policy.block_size
@@ -337,6 +360,28 @@ def _simulated(cfg: RunConfig, spec: ModelSpec, dtype: str, store: ResultStore, 
                for link in sim.link_bytes["prefill"]},
             "link_bytes_json": json.dumps(sim.link_bytes)}
     run_id = store.record_run(row, trace=tracer.rows if tracer else None)
+    return RunResult(run_id, row, None)
+
+
+def _simulated_pipeline(cfg: RunConfig, spec: ModelSpec, dtype: str, store: ResultStore,
+                        row: dict) -> RunResult:
+    """backend=simulated, distributed=pipeline (sim/pipeline.py): one runs row, a stages row
+    per stage; a stage over one machine's capacity makes the run oom."""
+    from flexgen_lab.sim import pipeline
+
+    w, d = cfg.workload, cfg.distributed
+    sim = pipeline.simulate_pipeline(spec, to_policy(cfg), cfg.schedule.name,
+                                     run_profile(cfg, SIMULATED), w.prompt_len, w.gen_len,
+                                     TORCH_DTYPES[dtype].itemsize, d.stages, d.micro_blocks,
+                                     run_prompts(cfg))
+    over = pipeline.over_capacity(sim, {t: row[f"{t}_budget_bytes"] for t in TIERS})
+    row |= pipeline.run_columns(sim) | (
+        {"status": "oom", "error": "BudgetExceeded (simulated): " + "; ".join(over)} if over
+        else {"status": "ok", **metrics(sim, sim.num_prompts, w.prompt_len, w.gen_len)})
+    run_id = store.record_run(row, trace=pipeline.trace_rows(sim) if cfg.trace else None,
+                              stages=[st.row() for st in sim.stages])
+    if over:
+        raise RunFailed(row["error"], run_id, "oom")
     return RunResult(run_id, row, None)
 
 

@@ -192,6 +192,10 @@ def _check_distributed(cfg: RunConfig) -> list[str]:
     if not (isinstance(d.timeout_s, int | float) and math.isfinite(d.timeout_s)
             and d.timeout_s > 0):
         out.append(f"distributed.timeout_s={d.timeout_s!r}: must be a number of seconds > 0")
+    if d.name == "pipeline" and cfg.schedule.name != "zigzag":
+        out.append(f"schedule={cfg.schedule.name} with distributed=pipeline: a micro-block "
+                   "passes a stage one token at a time, layer by layer over all its GPU "
+                   "batches (the original's order); allowed: schedule=zigzag")
     if d.name == "none" and d.stages != 1:
         out.append(f"distributed.stages={d.stages!r} with distributed=none: one process is one "
                    "stage; allowed: distributed.stages=1, or distributed=pipeline")
@@ -257,6 +261,12 @@ def _check_workload(cfg: RunConfig, spec: ModelSpec) -> list[str]:
     if w.num_prompts is not None and p.name == "manual" and block > 0 and w.num_prompts % block:
         out.append(f"workload.num_prompts={w.num_prompts}: must be a multiple of the block "
                    f"gpu_batch_size x num_gpu_batches = {block}")
+    elif (cfg.distributed.name == "pipeline" and w.num_prompts is not None and block > 0
+          and p.name == "manual" and isinstance(cfg.distributed.micro_blocks, int | None)):
+        group = (cfg.distributed.micro_blocks or cfg.distributed.stages) * block
+        if isinstance(group, int) and w.num_prompts % group:
+            out.append(f"workload.num_prompts={w.num_prompts}: under distributed=pipeline a "
+                       f"multiple of micro_blocks x block = {group} (null: exactly that)")
     if (w.prompts in TOKENIZED or w.prompt_text is not None) and not cfg.model.path:
         what = (f"workload.prompts={w.prompts!r}" if w.prompt_text is None
                 else "workload.prompt_text")

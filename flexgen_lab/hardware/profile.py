@@ -25,6 +25,7 @@ SPEED_FIELDS = ("bw_cpu_to_gpu", "bw_gpu_to_cpu_cache", "bw_gpu_to_cpu_hidden", 
                 "bw_cpu_to_disk_decode", "mm_flops_prefill", "mm_flops_decode",
                 "bmm_flops_prefill", "bmm_flops_decode", "cpu_flops")
 OPTIONAL_SPEEDS = ("gpu_mem_bw", "dequant_rate")  # terms the original cost model did not have
+NETWORK_FIELDS = ("bw_network", "network_latency_s")  # the link between pipeline stages
 _RATE_UNITS = {"B/s": 1, "KB/s": 1e3, "MB/s": 1e6, "GB/s": 1e9, "TB/s": 1e12,
                "KiB/s": 2**10, "MiB/s": 2**20, "GiB/s": 2**30, "FLOP/s": 1, "GFLOP/s": 1e9,
                "TFLOP/s": 1e12}
@@ -73,6 +74,8 @@ class HardwareProfile:
     io_workers: int | None = None  # loads and stores in flight at once; None: IO_THREADS
     io_latency_s: dict[str, float] = field(default_factory=dict)  # link -> seconds per copy
     op_tables: dict[str, OpTable] = field(default_factory=dict)  # shape_key -> measured times
+    bw_network: float | None = None  # bytes/s from a stage's machine to the next one's
+    network_latency_s: float | None = None  # seconds per message between stages
 
     @staticmethod
     def from_config(cfg: HardwareConfig, offload_dir: str = "results/offload"
@@ -91,7 +94,8 @@ class HardwareProfile:
             safety_factor=float(cfg.safety_factor),
             step_overhead_s=float(cfg.step_overhead_s), io_workers=cfg.io_workers,
             io_latency_s=_latencies(cfg.io_latency_s), op_tables=_op_tables(cfg.op_tables),
-            **speeds)
+            bw_network=parse_rate(cfg.bw_network, "bw_network"),
+            network_latency_s=_network_latency(cfg.network_latency_s), **speeds)
 
     def op_table(self, spec, dtype_bytes: int) -> OpTable | None:
         """The measured operator times of this model's shapes, if calibrate measured them."""
@@ -115,6 +119,19 @@ class HardwareProfile:
             raise ConfigError(f"hardware={self.name} has no speeds for {', '.join(missing)}; "
                               "predictions need them (a preset with speeds, or calibrate)")
 
+    def require_network(self) -> None:
+        """A pipeline over several machines needs the link between them."""
+        missing = [key for key in NETWORK_FIELDS if getattr(self, key) is None]
+        if missing:
+            raise ConfigError(f"hardware={self.name} has no {' or '.join(missing)}: a "
+                              "pipeline's stages send activations over the network; allowed: "
+                              "a profile with both (e.g. hardware=t4-paper-x4), or "
+                              "hardware.bw_network=4GB/s hardware.network_latency_s=0.00025")
+
+    def network_seconds(self, nbytes: float) -> float:
+        """One message of nbytes from a stage to the next: latency + bytes / bandwidth."""
+        return self.network_latency_s + nbytes / self.bw_network
+
     def cpu_flops_for(self, gpu_batch_size: int, hidden: int) -> float:
         """CPU attention FLOP/s with the original's correction (facts §1):
         cpu_flops x max(0.1, 1 + c1 A B - c2 A - c3 B), A = max(0, log2(64 / gbs)),
@@ -137,6 +154,16 @@ def _latencies(value) -> dict[str, float]:
                               f"[0, 1) per link; links: {', '.join(LINKS)}")
         out[link] = float(seconds)
     return out
+
+
+def _network_latency(value) -> float | None:
+    """hardware.network_latency_s: seconds per message between stages, in [0, 1)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ConfigError(f"hardware.network_latency_s={value!r}: expected seconds per "
+                          "message in [0, 1), e.g. 0.00025")
+    return float(value)
 
 
 def _op_tables(value) -> dict[str, OpTable]:

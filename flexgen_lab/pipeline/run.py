@@ -59,14 +59,6 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def pipeline_prompts(cfg) -> int:
-    """Prompts of a pipeline run: as configured, else micro_blocks x block."""
-    p = cfg.policy
-    return (cfg.workload.num_prompts or micro_blocks(cfg.distributed.stages,
-                                                    cfg.distributed.micro_blocks)
-            * p.gpu_batch_size * p.num_gpu_batches)
-
-
 def run_stage(cfg, spec, device, dtype: str, budgets: dict[str, int], policy, ids, mask,
               io_workers: int, callbacks: Callbacks | None, comm: StageComm
               ) -> StageReport:

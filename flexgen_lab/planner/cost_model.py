@@ -26,7 +26,7 @@ from flexgen_lab.hardware.op_table import OpTable
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import loaded_shapes
-from flexgen_lab.planner.traffic import WINDOWS, window_bytes
+from flexgen_lab.planner.traffic import WHOLE_MODEL, WINDOWS, Ends, window_bytes
 
 VARIANTS = ("flexgen_lab", "flexgen-original")
 
@@ -170,7 +170,7 @@ TERMS = ("matmul", "attention", "cpu_attention", "dequant", "overhead")
 def window_compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile,
                            prompt_len: int, gen_len: int, num_prompts: int,
                            dtype_bytes: int = 2, schedule: str = "zigzag",
-                           ) -> dict[str, dict[str, dict[str, float]]]:
+                           ends: Ends = WHOLE_MODEL) -> dict[str, dict[str, dict[str, float]]]:
     """Compute time per phase, window (traffic.WINDOWS) and term: every step of the grid,
     summed (step_seconds); decoder layers 1..L-1 are the "layer" window, layer L "last".
     Compressed weights are dequantised once per block per (token, part) in zig-zag, once per
@@ -180,8 +180,8 @@ def window_compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwarePro
     b = policy.gpu_batch_size
     phases = {"prefill": (1, prompt_len, prompt_len, 0.0),  # (token steps, t, keys, cpu rows)
               "decode": (gen_len - 1, 1, prompt_len + gen_len / 2, delegated_rows(policy))}
-    windows = (("embed", "embed", 1), ("layer", "layer", spec.num_layers - 1),
-               ("last", "layer", 1), ("head", "head", 1))
+    windows = (("embed", "embed", int(ends[0])), ("layer", "layer", spec.num_layers - 1),
+               ("last", "layer", 1), ("head", "head", int(ends[1])))  # a stage's ends
     out = {}
     for phase, (token_steps, t, keys, cpu_rows) in phases.items():
         out[phase] = {}
@@ -197,7 +197,7 @@ def window_compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwarePro
 
 def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile,
             prompt_len: int, gen_len: int, dtype_bytes: int = 2,
-            num_prompts: int | None = None) -> Prediction:
+            num_prompts: int | None = None, ends: Ends = WHOLE_MODEL) -> Prediction:
     """Prefill and decode seconds of num_prompts prompts (one block by default).
 
     With overlap a phase takes, window by window (traffic.window_bytes: the next part's
@@ -210,17 +210,18 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
     (n = num_gpu_batches in zig-zag, 1 in row-by-row), summed over windows:
     T = sum_w max(link_w,1 .. link_w,4, sum(link_w) / workers,
                   (compute_w + hidden round trip_w) / n, compute_w).
-    Without overlap it is the sum of everything."""
+    Without overlap it is the sum of everything. A pipeline stage passes a spec with its
+    own decoder layers and `ends` (traffic.window_bytes; planner/pipeline.py)."""
     profile.require_speeds()
     num_prompts = num_prompts or policy.block_size
     blocks = num_prompts // policy.block_size
     args = (spec, policy, schedule, prompt_len, gen_len, dtype_bytes, blocks)
-    others = window_bytes(*args, kinds=("weights", "cache"))
-    hidden = window_bytes(*args, kinds=("activations",))
+    others = window_bytes(*args, kinds=("weights", "cache"), ends=ends)
+    hidden = window_bytes(*args, kinds=("activations",), ends=ends)
     compute = window_compute_seconds(spec, policy, profile, prompt_len, gen_len, num_prompts,
-                                     dtype_bytes, schedule)
+                                     dtype_bytes, schedule, ends)
     latency = copy_latency_seconds(spec, policy, schedule, profile, prompt_len, gen_len,
-                                   dtype_bytes, blocks)
+                                   dtype_bytes, blocks, ends)
     times, terms = {}, {}
     for phase in ("prefill", "decode"):
         times[phase], terms[phase] = 0.0, dict.fromkeys((*LINKS, *TERMS), 0.0)
@@ -240,14 +241,15 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
 
 def copy_latency_seconds(spec: ModelSpec, policy: Policy, schedule: str,
                          profile: HardwareProfile, prompt_len: int, gen_len: int,
-                         dtype_bytes: int, blocks: int) -> dict[str, dict[str, dict]]:
+                         dtype_bytes: int, blocks: int, ends: Ends = WHOLE_MODEL
+                         ) -> dict[str, dict[str, dict]]:
     """Seconds the copies of each window cost beyond bytes / bandwidth: copies per link
     (traffic.window_bytes with requests=True) x the profile's per-copy latency."""
     if not profile.io_latency_s:
         return {phase: {w: dict.fromkeys(LINKS, 0.0) for w in WINDOWS}
                 for phase in ("prefill", "decode")}
     copies = window_bytes(spec, policy, schedule, prompt_len, gen_len, dtype_bytes, blocks,
-                          requests=True)
+                          requests=True, ends=ends)
     return {phase: {w: {link: n * profile.latency(link) for link, n in links.items()}
                     for w, links in windows.items()} for phase, windows in copies.items()}
 

@@ -12,6 +12,7 @@ is at least every link's time and the compute time (overlap) or their sum (no ov
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 
@@ -80,27 +81,38 @@ FIT_SLACK = 1e-3  # of a tier's limit, taken off with each retry
 RESIDENT = Placement(1, 0)
 
 
+def homes(policy: Policy, micro_blocks: int) -> Policy:
+    """The policy whose memory a pipeline stage holds: the cache and activation homes of
+    `micro_blocks` blocks in flight (each keeps its own), the weights and slots once."""
+    if micro_blocks == 1:
+        return policy
+    return dataclasses.replace(policy, num_gpu_batches=policy.num_gpu_batches * micro_blocks)
+
+
 def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile, s: int,
-          n: int, q: int) -> Policy | None:
+          n: int, q: int, micro_blocks: int = 1) -> Policy | None:
     """The best placement for a fixed (gbs, ngb, delegation, compression); None if none fits.
 
     The general LP keeps room for the slots and staging of every kind of tensor it may
     offload; a kind left wholly on the gpu tier needs none, so when the general answer keeps
     most weights there (or finds nothing) the LP with the weights pinned there is solved too,
     and the all-resident policy is a candidate of its own. The fastest by the cost model wins.
+    micro_blocks > 1 (a pipeline stage): memory holds that many blocks' homes (homes()).
     """
     limit = {tier: capacity * profile.safety_factor
              for tier, capacity in (("gpu", profile.gpu_mem), ("cpu", profile.cpu_mem),
                                     ("disk", profile.disk_mem))}
-    general = _fit(spec, policy, schedule, profile, s, n, q, limit, ())
+    fit = functools.partial(_fit, spec, policy, schedule, profile, s, n, q, limit,
+                            micro_blocks=micro_blocks)
+    general = fit(())
     if general is None:  # without disk there are no bounce buffers to hold on the cpu tier
-        general = _fit(spec, policy, schedule, profile, s, n, q, limit, (), disk=False)
+        general = fit((), disk=False)
     candidates = [general]
     if general is None or general.weights.gpu > 0.9:
-        candidates.append(_fit(spec, policy, schedule, profile, s, n, q, limit, ("weights",)))
+        candidates.append(fit(("weights",)))
     resident = dataclasses.replace(policy, weights=RESIDENT, cache=RESIDENT,
                                    activations=RESIDENT)
-    if _fits(spec, resident, s, n, q, limit, profile.workers()):
+    if _fits(spec, homes(resident, micro_blocks), s, n, q, limit, profile.workers()):
         candidates.append(resident)
     candidates = [c for c in candidates if c is not None]
     if not candidates:
@@ -115,17 +127,19 @@ def _fits(spec, policy, s, n, q, limit, workers) -> bool:
 
 
 def _fit(spec, policy, schedule, profile, s, n, q, limit, pinned,
-         disk: bool = True) -> Policy | None:
+         disk: bool = True, micro_blocks: int = 1) -> Policy | None:
     """The LP's answer, checked against the exact peak (memory_model.peak_bytes): the LP sees
     memory linearly (a share x of b sequences), the engine rounds to whole sequences, rows and
     disk blocks, so a tier the answer overshoots is tightened and solved again."""
     lp_limit = dict(limit)
     for _ in range(FIT_ATTEMPTS):
-        found = _solve_lp(spec, policy, schedule, profile, s, n, q, lp_limit, pinned, disk)
+        found = _solve_lp(spec, policy, schedule, profile, s, n, q, lp_limit, pinned, disk,
+                          micro_blocks)
         if found is None:
             return None
         over = {tier: peak - limit[tier] for tier, peak in
-                peak_bytes(spec, found, s, n, q, profile.workers()).items()
+                peak_bytes(spec, homes(found, micro_blocks), s, n, q,
+                           profile.workers()).items()
                 if peak > limit[tier]}
         if not over:
             return found
@@ -137,7 +151,7 @@ def _fit(spec, policy, schedule, profile, s, n, q, limit, pinned,
 
 def _solve_lp(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile, s: int,
               n: int, q: int, limit: dict[str, float], pinned: tuple[str, ...],
-              disk: bool = True) -> Policy | None:
+              disk: bool = True, micro_blocks: int = 1) -> Policy | None:
     """Minimises prefill + decode time, each the sum over windows of T_w >= every link term
     and the compute of window w (overlap), or the sum of all terms (no overlap): the cost
     model's predict, written as a linear program; memory per tier at most `limit` bytes;
@@ -152,9 +166,10 @@ def _solve_lp(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareP
         if not disk:
             prob += x[f"{prefix}d"] == 0
     offloaded = [kind not in pinned for kind in KINDS]
-    memory = memory_terms(spec, policy, s, n, q, *offloaded, disk=disk,
+    held = homes(policy, micro_blocks)
+    memory = memory_terms(spec, held, s, n, q, *offloaded, disk=disk,
                           io_workers=profile.workers())
-    placing = placing_terms(spec, policy, q, disk and offloaded[0], profile.workers())
+    placing = placing_terms(spec, held, q, disk and offloaded[0], profile.workers())
     for tier, term in [*memory.items(), ("cpu", placing)]:
         prob += term.const + pulp.lpSum(c * x[v] for v, c in term.coef.items()) <= limit[tier]
     coef = link_coefficients(spec, policy, schedule, s, n, q)
@@ -228,14 +243,16 @@ def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2
            delegation: bool | None = None, batch_sizes: tuple[int, ...] = GPU_BATCH_SIZES,
            max_gpu_batches: int = MAX_GPU_BATCHES,
            compress: tuple[bool | None, bool | None] = (False, False),
-           max_block_size: int | None = None, rerank_top: int = 0) -> Found | None:
+           max_block_size: int | None = None, rerank_top: int = 0,
+           micro_blocks: int = 1) -> Found | None:
     """Enumerate gbs, and num_gpu_batches in doublings while throughput grows and the LP stays
     feasible (the original stepped one by one); delegation and compression (weight, cache)
     too, each when left open (None). max_block_size bounds gbs x num_gpu_batches: the
     prompts one block holds, so the latency of a block. rerank_top > 0: the cost model's
     best few answers are simulated (sim/simulator.py: the engine's op stream, its
     dependencies and I/O workers, which the LP's per-window maxima only bound) and the best
-    simulated one wins."""
+    simulated one wins. micro_blocks > 1 plans one pipeline stage (spec: its layers), whose
+    memory holds that many blocks' homes."""
     profile.require_speeds()
     start, found, solved = time.perf_counter(), [], 0
     base = base or Policy()
@@ -246,7 +263,7 @@ def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2
                                     compress_cache=cache)
         sizes = [b for b in batch_sizes if not max_block_size or b <= max_block_size]
         solved = _batch_sizes(spec, profile, s, n, q, fixed, schedule, sizes,
-                              max_gpu_batches, found, solved, max_block_size)
+                              max_gpu_batches, found, solved, max_block_size, micro_blocks)
     if not found:
         return None
     found.sort(key=lambda c: c[1].generation_throughput, reverse=True)
@@ -254,7 +271,8 @@ def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2
     if rerank_top > 0:
         policy, pred, simulated, lp_best = _rerank(spec, profile, s, n, q, schedule,
                                                    found[:rerank_top])
-    return Found(policy, schedule, pred, peak_bytes(spec, policy, s, n, q, profile.workers()),
+    return Found(policy, schedule, pred,
+                 peak_bytes(spec, homes(policy, micro_blocks), s, n, q, profile.workers()),
                  solved, time.perf_counter() - start, simulated, lp_best)
 
 
@@ -299,7 +317,7 @@ def extrapolated_throughput(spec, policy, schedule, profile, s, n, q) -> float:
 
 
 def _batch_sizes(spec, profile, s, n, q, base, schedule, batch_sizes, max_gpu_batches,
-                 answers, solved, max_block_size):
+                 answers, solved, max_block_size, micro_blocks=1):
     """The search over (gbs, num_gpu_batches) for fixed booleans: every answer goes in
     `answers` as (policy, prediction); returns the LPs solved so far."""
     for gbs in batch_sizes:
@@ -308,7 +326,7 @@ def _batch_sizes(spec, profile, s, n, q, base, schedule, batch_sizes, max_gpu_ba
                                                                max_block_size // gbs)
         for ngb in _doubling(limit):
             candidate = dataclasses.replace(base, gpu_batch_size=gbs, num_gpu_batches=ngb)
-            found = solve(spec, candidate, schedule, profile, s, n, q)
+            found = solve(spec, candidate, schedule, profile, s, n, q, micro_blocks)
             solved += 1
             if found is None:
                 break

@@ -59,11 +59,17 @@ def _part_tier_bytes(spec: ModelSpec, part: str, share: Placement, dtype: torch.
 WINDOWS = ("embed", "layer", "last", "head")  # whose compute a transfer overlaps, see below
 
 
+Ends = tuple[bool, bool]  # (computes the embedding, computes the head): a pipeline stage's
+WHOLE_MODEL: Ends = (True, True)
+
+
 def link_bytes(spec: ModelSpec, policy: Policy, schedule: str, prompt_len: int, gen_len: int,
-               dtype_bytes: int, num_blocks: int = 1) -> dict[str, dict[str, int]]:
-    """Bytes per link and phase (prefill = token 0) for num_blocks blocks of prompts."""
+               dtype_bytes: int, num_blocks: int = 1, ends: Ends = WHOLE_MODEL
+               ) -> dict[str, dict[str, int]]:
+    """Bytes per link and phase (prefill = token 0) for num_blocks blocks of prompts. A
+    pipeline stage passes a spec with its own decoder layers and `ends` (see window_bytes)."""
     windows = window_bytes(spec, policy, schedule, prompt_len, gen_len, dtype_bytes,
-                           num_blocks)
+                           num_blocks, ends=ends)
     return {phase: {link: sum(w[link] for w in by_window.values()) for link in LINKS}
             for phase, by_window in windows.items()}
 
@@ -71,7 +77,8 @@ def link_bytes(spec: ModelSpec, policy: Policy, schedule: str, prompt_len: int, 
 def window_bytes(spec: ModelSpec, policy: Policy, schedule: str, prompt_len: int,
                  gen_len: int, dtype_bytes: int, num_blocks: int = 1,
                  kinds: tuple[str, ...] = ("weights", "cache", "activations"),
-                 requests: bool = False) -> dict[str, dict[str, dict[str, int]]]:
+                 requests: bool = False, ends: Ends = WHOLE_MODEL
+                 ) -> dict[str, dict[str, dict[str, int]]]:
     """Bytes per link, phase and window: the compute steps a transfer runs beside.
 
     Windows: "embed", "layer" (decoder layers 1 .. L-1), "last" (layer L), "head". The
@@ -81,17 +88,23 @@ def window_bytes(spec: ModelSpec, policy: Policy, schedule: str, prompt_len: int
     whose traffic is counted. With `requests`, copies instead of bytes: each op (or a
     segment of one, as the engine copies them) counts once on every link it moves bytes on,
     which is what a per-copy latency multiplies.
+
+    A pipeline stage (pipeline/stages.py) is the same with spec.num_layers its own decoder
+    layers and `ends` saying whether it computes the embedding and the head: its parts form
+    the same cycle (its first part's weights load in its last part's window), the
+    embedding's output goes home only where the embedding runs, and the head loads its
+    input only where the head runs.
     """
     dtype = FLOAT_OF_SIZE[dtype_bytes]
     unit = _copies if requests else Counter
     moved = {phase: {w: Counter() for w in WINDOWS} for phase in ("prefill", "decode")}
     if "weights" in kinds:
-        _weights(moved, spec, policy, schedule, gen_len, dtype, unit)
+        _weights(moved, spec, policy, schedule, gen_len, dtype, unit, ends)
     for k in range(policy.num_gpu_batches):
         if "cache" in kinds:
             _cache(moved, spec, policy, k, prompt_len, gen_len, dtype, unit)
         if "activations" in kinds:
-            _activations(moved, spec, policy, k, prompt_len, gen_len, dtype, unit)
+            _activations(moved, spec, policy, k, prompt_len, gen_len, dtype, unit, ends)
     return {phase: {w: {link: counts[link] * num_blocks for link in LINKS}
                     for w, counts in by_window.items()} for phase, by_window in moved.items()}
 
@@ -101,10 +114,19 @@ def _copies(moved: Counter) -> Counter:
     return Counter({link: 1 for link, nbytes in moved.items() if nbytes})
 
 
-def _weights(moved, spec, policy, schedule, gen_len, dtype, unit=Counter) -> None:
+def stage_windows(spec: ModelSpec, ends: Ends) -> list[str]:
+    """The windows of a stage's parts in compute order (WINDOWS for the whole model)."""
+    return [*["embed"][:ends[0]], *["layer"] * (spec.num_layers - 1), "last",
+            *["head"][:ends[1]]]
+
+
+def _weights(moved, spec, policy, schedule, gen_len, dtype, unit=Counter,
+             ends: Ends = WHOLE_MODEL) -> None:
     loads = 1 if schedule == "zigzag" else policy.num_gpu_batches
     parts = weight_tier_bytes(spec, policy, dtype)
-    before = ["head", "embed", *["layer"] * (spec.num_layers - 1), "last"]  # window per part
+    parts = parts[(not ends[0]):len(parts) - (not ends[1])]
+    windows = stage_windows(spec, ends)
+    before = [windows[-1], *windows[:-1]]  # a part's weights load beside the part before it
     for tiers, window in zip(parts, before, strict=True):
         if set(tiers) <= {"gpu"}:
             continue  # resident part: nothing moves
@@ -243,7 +265,8 @@ def hidden_move(tier: str, nbytes: int, store: bool) -> Counter:
     return moved
 
 
-def _activations(moved, spec, policy, k, prompt_len, gen_len, dtype, unit=Counter) -> None:
+def _activations(moved, spec, policy, k, prompt_len, gen_len, dtype, unit=Counter,
+                 ends: Ends = WHOLE_MODEL) -> None:
     """Batch k's activation traffic, op by op (an op moves every off-gpu segment); every
     decode token moves the same, so it is counted once and multiplied."""
     homes = activation_rows(spec, policy, k, dtype)
@@ -257,9 +280,11 @@ def _activations(moved, spec, policy, k, prompt_len, gen_len, dtype, unit=Counte
                                    for tier, per_token in homes.items())), times)
         load = _times(unit(_total(hidden_move(tier, tokens * per_token, False)
                                   for tier, per_token in homes.items())), times)
-        _add(windows["embed"], store)  # the embedding's output goes home
+        if ends[0]:
+            _add(windows["embed"], store)  # the embedding's output goes home
         _per_layer(windows, store + load, spec)  # each layer loads and stores
-        _add(windows["head"], load)  # the head loads the last layer's output
+        if ends[1]:
+            _add(windows["head"], load)  # the head loads the last layer's output
 
 
 class OpTraffic:

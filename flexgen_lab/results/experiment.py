@@ -17,6 +17,7 @@ rows, per column; nothing of the paper is written in code.
             budgets: "paper-ratio:t4-paper-sourced", repeats: 3}
     columns:
       OPT-30B: {paper_model: opt-30b, paper: [model=opt-30b, policy=...], tiny: [...]}
+      decode 30B: {..., metric: decode_throughput}   # token/s from this runs column
     rows:
       - name: no overlapping
         overrides: [policy.overlap=false]       # or {OPT-30B: [...], OPT-175B: [...]}
@@ -44,6 +45,8 @@ from flexgen_lab.config import ConfigError
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 REPRODUCE_KEYS = ("backend", "store.path")  # the command line's, whatever a cell says
 OOM = "OOM"
+# what a column's token/s are (columns' `metric`; null: the paper's generation throughput)
+METRICS = (None, "generation_throughput", "decode_throughput", "prefill_throughput")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Cell:
     note: str = ""
     runs: bool = True  # False: shown with the paper's value only
     x: float | None = None  # the swept value, for figures
+    metric: str = "generation_throughput"  # the runs column its token/s are read from
 
     @property
     def system(self) -> str:
@@ -101,6 +105,7 @@ class Experiment:
     sweep_key: str | None = None
     paper_points: list[dict] = field(default_factory=list)  # figure points (from the paper)
     tokens_reference: str | None = None  # the row other systems' tokens are compared with
+    target: float = 0.25  # simulated cells within +-target of the paper's (Table 3: 0.30)
 
     def scale_for(self, backend: str | None, scale: str | None) -> Scale:
         """reproduce.scale, else the scale whose backend is the one asked (paper for
@@ -135,7 +140,8 @@ class Experiment:
                                  *self._for_column(row.get("overrides", []), column),
                                  *self._for_column(row.get("at", {}).get(scale.name, []),
                                                    column), *extra, *backend, *forced]
-                    out.append(self._cell(row, column, merge(overrides), x))
+                    out.append(self._cell(row, column, merge(overrides), x,
+                                          self.columns[column].get("metric")))
         return out
 
     def _swept(self, row: dict, column: str) -> list[tuple[float | None, list[str]]]:
@@ -160,11 +166,13 @@ class Experiment:
         return list(overrides)
 
     @staticmethod
-    def _cell(row: dict, column: str, overrides: tuple[str, ...], x) -> Cell:
+    def _cell(row: dict, column: str, overrides: tuple[str, ...], x,
+              metric: str | None = None) -> Cell:
         paper = row.get("paper", {}).get(column)
         oom = paper == OOM
         return Cell(row["name"], column, overrides, None if oom or paper is None
-                    else float(paper), oom, row.get("note", ""), row.get("runs", True), x)
+                    else float(paper), oom, row.get("note", ""), row.get("runs", True), x,
+                    metric or "generation_throughput")
 
 
 def merge(overrides: list[str]) -> tuple[str, ...]:
@@ -210,6 +218,10 @@ def _build(name: str, data: dict, command: str, path: Path) -> Experiment:
               for n, s in data["scales"].items()}
     for row in rows:
         unknown = set(row.get("columns", [])) - set(data["columns"])
+        bad_metric = {c.get("metric") for c in data["columns"].values()} - set(METRICS)
+        if bad_metric:
+            raise ConfigError(f"{path}: column metric {sorted(bad_metric, key=str)}: allowed "
+                              f"{', '.join(m for m in METRICS if m)} (null: generation)")
         if unknown or "," in row.get("name", ","):
             raise ConfigError(f"{path}: row {row.get('name')!r}: needs a name without commas "
                               f"(reproduce.only lists them) and known columns, not "
@@ -221,7 +233,8 @@ def _build(name: str, data: dict, command: str, path: Path) -> Experiment:
     return Experiment(name, data["title"], command, kind, scales, data["columns"], rows,
                       data.get("baseline_row"), data.get("ranked_rows", []),
                       data.get("plots", []), data.get("sweep_key"),
-                      data.get("paper_points", []), data.get("tokens_reference"))
+                      data.get("paper_points", []), data.get("tokens_reference"),
+                      float(data.get("target", 0.25)))
 
 
 def tied_ranking(values: dict[str, float], tie: float = 0.05) -> list[list[str]]:

@@ -32,6 +32,7 @@ from flexgen_lab.results.schema import (
     MIGRATIONS,
     RUN_COLUMNS,
     SCHEMA_VERSION,
+    STAGE_COLUMNS,
     STATUSES,
     TRACE_COLUMNS,
     read_version,
@@ -303,6 +304,12 @@ class ResultStore:
                 )
         return run_id
 
+    def stages(self, run_id: int) -> pd.DataFrame:
+        """The run's `stages` rows, stage by stage."""
+        with self._reading() as conn:
+            return pd.read_sql_query("SELECT * FROM stages WHERE run_id = ? ORDER BY stage",
+                                     conn, params=(run_id,))
+
     # -- reading ------------------------------------------------------------------------------
 
     def has_ok(self, config_hash: str) -> bool:
@@ -341,12 +348,6 @@ class ResultStore:
                 (run_id,),
             ).fetchall()
         return [(index, json.loads(prompt), json.loads(output)) for index, prompt, output in rows]
-
-    def stages(self, run_id: int) -> pd.DataFrame:
-        """A pipeline run's stages, by stage."""
-        with self._reading() as conn:
-            return pd.read_sql_query("SELECT * FROM stages WHERE run_id = ? ORDER BY stage",
-                                     conn, params=(run_id,))
 
     def trace(self, run_id: int) -> pd.DataFrame:
         """The run's op trace in the order it was recorded (rowid), which is execution order."""

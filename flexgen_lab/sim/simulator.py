@@ -107,11 +107,13 @@ class _Clock:
 
 
 def run_stream(ops: Iterable[Op], cost_of: Callable[[Op], Cost], overlap: bool,
-               start: float = 0.0, workers: int = IO_THREADS
+               start: float = 0.0, workers: int = IO_THREADS,
+               token_steps: list[float] | None = None
                ) -> tuple[list[float], float, list[dict]]:
     """Time one block's op stream from `start`. Returns ([prefill, decode] seconds by the
     engine's clocks: each token step from its first compute to the next step's, the last to
-    the end of the last store), the end time, and the op records."""
+    the end of the last store), the end time, and the op records. `token_steps`, when
+    given, receives each token step's seconds by the same clocks (a pipeline stage's)."""
     clock, records = _Clock(overlap, start, workers), []
     phase, token, mark = [0.0, 0.0], 0, start
     for op in ops:
@@ -119,6 +121,8 @@ def run_stream(ops: Iterable[Op], cost_of: Callable[[Op], Cost], overlap: bool,
         if op.kind == "compute":
             if op.token != token:
                 phase[token > 0] += clock.now - mark
+                if token_steps is not None:
+                    token_steps.append(clock.now - mark)
                 token, mark = op.token, clock.now
             begin, end = clock.compute(dependencies.waits_for(op), cost)
         else:
@@ -131,6 +135,8 @@ def run_stream(ops: Iterable[Op], cost_of: Callable[[Op], Cost], overlap: bool,
                         "start_s": begin, "end_s": end})
     end = max(clock.now, clock.stores_end)
     phase[token > 0] += end - mark
+    if token_steps is not None:
+        token_steps.append(end - mark)
     return phase, end, records
 
 

@@ -93,7 +93,7 @@ def test_llama_over_two_stages_with_cache_on_disk_sampled(hf_checkpoint, tmp_pat
     policy = ["model=local", f"model.path={path}", "workload.prompt_len=10",
               "workload.gen_len=4", "policy.gpu_batch_size=3", "policy.num_gpu_batches=1",
               "policy.cache.gpu=0", "policy.cache.cpu=0", "policy.activations.gpu=0",
-              "policy.activations.cpu=1", "schedule=row_by_row", "workload.temperature=0.8",
+              "policy.activations.cpu=1", "workload.temperature=0.8",
               f"engine.offload_dir={tmp_path}/offload"]
     store = f"{tmp_path}/r.sqlite"
     out = torchrun(2, [*policy, "distributed.stages=2", f"store.path={store}"], tmp_path)

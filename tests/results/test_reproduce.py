@@ -172,3 +172,18 @@ def test_tiny_table2_measures_baselines_beside_ours_and_compares_their_tokens(tm
     assert flexgen.paper_token_s.tolist() == [25.26, 7.32, 0.69, 13.72, 3.50, 0.35]
     assert flexgen.relative.isna().all()  # table2 has no baseline row to divide by
     assert "| Petals (per GPU) | OPT-30B s=512 | petals | 2.84 | - | not run |" in out
+
+
+def test_tiny_table3_runs_the_pipeline_and_reads_decode_columns(tmp_path):
+    out = reproduce(tmp_path, "experiment=table3", "reproduce.scale=tiny").stdout
+    # as many cells on t4-paper-sourced (1 GPU) as on t4-paper-x4: the first by name
+    csv = pd.read_csv(tmp_path / "results/tables/table3-simulated-t4-paper-sourced-tiny.csv")
+    ran = csv[csv.row.str.startswith("FlexGen")]
+    assert (ran.status == "ok").all() and "within +-30 %" in out
+    runs = ResultStore(tmp_path / "r.sqlite").runs().set_index("config_hash")
+    for r in ran.itertuples():
+        run = runs.loc[r.config_hash]
+        metric = "decode_throughput" if r.column.startswith("decode") else "generation_throughput"
+        assert r.ours_token_s == pytest.approx(run[metric])
+        assert run.num_stages == (4 if r.row == "FlexGen 4 GPUs" else 1)
+    assert len(runs) == 6  # a decode column reuses its generation column's run

@@ -323,3 +323,16 @@ def test_version_4_file_gains_num_stages_and_the_stages_table(tmp_path, monkeypa
     assert {"run_id", "stage", "rank", "layers", "bytes_network", "peak_rss_bytes"} <= columns
     runs = store.runs().set_index("run_id")
     assert pd.isna(runs.loc[run_id, "num_stages"])
+
+
+def test_stages_rows_go_in_with_their_run_missing_keys_as_null(tmp_path):
+    store = ResultStore(tmp_path / "r.sqlite")
+    run_id = store.record_run(_row(), stages=[
+        {"stage": 0, "rank": 0, "layers": "0-5", "bytes_network": 7},
+        {"stage": 1, "rank": 1, "layers": "6-11"}])
+    rows = store.stages(run_id)
+    assert list(rows.layers) == ["0-5", "6-11"] and rows.bytes_network[0] == 7
+    assert pd.isna(rows.bytes_network[1]) and rows.peak_rss_bytes.isna().all()
+    with pytest.raises(ValueError, match="bogus"):
+        store.record_run(_row(), stages=[{"stage": 2}, {"stage": 3, "bogus": 1}])
+    assert len(store.runs()) == 1  # nothing of the refused call, not even its run
