@@ -250,8 +250,7 @@ class BlockRun:
             self._wait_stores()
             phase[token > 0] += self._clock() - mark
         finally:
-            self.executor.close()
-            self._release_view()
+            self.close()
         return phase[0], phase[1]
 
     def run_token(self, token: int) -> None:
@@ -269,7 +268,12 @@ class BlockRun:
         wait([f for key, f in self.futures.items() if key[0].endswith("_store")])
 
     def close(self) -> None:
+        """Stop the I/O threads, drop the dequantised view, and break the cycle through the
+        executor's trace hook (self._trace): without it a block's homes and buffers stay
+        alive until Python's cycle collector runs, and memory grows block after block."""
         self.executor.close()
+        self.executor.trace = None
+        self.futures.clear()
         self._release_view()
 
     def _clock(self) -> float:

@@ -64,7 +64,7 @@ def test_opt_over_three_stages_is_the_single_process_run(hf_checkpoint, tmp_path
               "policy.cache.cpu=0.25", f"engine.offload_dir={tmp_path}/offload",
               "workload.num_prompts=16"]
     store = f"{tmp_path}/r.sqlite"
-    out = torchrun(3, [*policy, "distributed.stages=3", "distributed.micro_blocks=3",
+    out = torchrun(3, [*policy, "distributed.stages=3", "distributed.micro_blocks=2",
                        "trace=true", f"store.path={store}"], tmp_path)
     assert out.returncode == 0, out.stderr[-4000:]
     row = only_run(store)
