@@ -24,7 +24,7 @@ def test_a_finished_block_needs_no_cycle_collector(tmp_path):
     try:
         with Engine(spec, DummyWeights(spec, 0), policy, offload_dir=tmp_path) as engine:
             engine.generate(ids, torch.ones_like(ids), 3)
-            alive = [o for o in gc.get_objects() if isinstance(o, BlockRun)]
+            alive = [o for o in gc.get_objects() if type(o) is BlockRun]
     finally:
         gc.enable()
     assert alive == []
