@@ -131,7 +131,7 @@ def measured_section(repeats: int = 3) -> None:
           f"1 torch thread per stage, median of {repeats} launches (decode token/s)")
     first = next(iter(rates.values()))
     for label, rate in rates.items():
-        print(f"  {label:<72} {rate:7.1f}  ({rate / first:.2f}x)")
+        print(f"  {label:<80} {rate:7.1f}  ({rate / first:.2f}x)")
     if share is None:
         print(f"  1 stage with a {mib} gpu tier: no weights.gpu share fits (the memory model: "
               "the two weight slots alone, each the size of the largest part, the "
