@@ -227,7 +227,7 @@ def experiment_command(command: str, args: list[str]) -> None:
 
             reproduce(args)
         else:
-            from flexgen_lab.reproduce import plot
+            from flexgen_lab.plot_command import plot
 
             plot(args)
     except (ConfigError, StoreError) as err:

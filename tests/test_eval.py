@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from flexgen_lab.engine import engine as engine_module
+from flexgen_lab.engine import block_run as block_run_module
 from flexgen_lab.engine.cache_homes import CacheHomes
 from flexgen_lab.engine.engine import Engine
 from flexgen_lab.engine.policy import Placement, Policy
@@ -79,7 +79,7 @@ def test_cache_is_stored_as_uint8_codes_and_sparse_moves_k_values(smollm2, windo
             super().__init__(*args, **kwargs)
             homes.append(self)
 
-    monkeypatch.setattr(engine_module, "CacheHomes", Recorded)
+    monkeypatch.setattr(block_run_module, "CacheHomes", Recorded)
     policy = Policy(gpu_batch_size=2, cache=Placement(0, 1), **VARIANTS["4-bit both + sparse 0.1"])
     with Engine(spec, weights, policy, offload_dir=tmp_path) as engine:
         scores = score(engine, seqs, PREFIX)

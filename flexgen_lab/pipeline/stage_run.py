@@ -21,7 +21,8 @@ import torch
 
 from flexgen_lab.engine import cuda_sync
 from flexgen_lab.engine.batch import Sampling
-from flexgen_lab.engine.engine import BlockRun, Engine, block_generator
+from flexgen_lab.engine.block_run import BlockRun, block_generator
+from flexgen_lab.engine.engine import Engine
 from flexgen_lab.engine.transfer import Links
 from flexgen_lab.pipeline.comm import HIDDEN, TOKENS, StageComm
 

@@ -8,7 +8,8 @@ import gc
 
 import torch
 
-from flexgen_lab.engine.engine import BlockRun, Engine
+from flexgen_lab.engine.block_run import BlockRun
+from flexgen_lab.engine.engine import Engine
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
