@@ -26,6 +26,18 @@ class CacheAttention:
         self.io, self.delegate, self.device = io, io.delegate, io.device
         self.sparsity, self.renormalize = sparsity, renormalize
 
+    def step(self, token: int, layer: int, batch: int, slot: int, q: torch.Tensor,
+             k_new: torch.Tensor, v_new: torch.Tensor, state, scale: float, links: Links
+             ) -> tuple[torch.Tensor, dict]:
+        """One step's attention and the new rows it leaves to store: the prompt's causal
+        attention over itself (prefill), or one query over the cache (decode).
+        q (b, nh, t, d), k_new/v_new (b, nkv, t, d); state: the GPU batch (its masks)."""
+        if token == 0:
+            attn = ops.attention(q, k_new, v_new, state.mask, scale)
+            return attn, self.io.prefill_rows(layer, batch, k_new, v_new)
+        rows = {"k": k_new.permute(2, 0, 1, 3), "v": v_new.permute(2, 0, 1, 3)}
+        return self.attend(token, layer, batch, slot, q, rows, state.key_mask, scale, links)
+
     def attend(self, token: int, layer: int, batch: int, slot: int, q: torch.Tensor,
                rows: dict[str, torch.Tensor], key_mask: torch.Tensor, scale: float,
                links: Links) -> tuple[torch.Tensor, dict]:

@@ -81,16 +81,7 @@ class BlockRun:
         self.counts = {"weight_loads": 0, "cache_loads": 0, "stores": 0, "hidden_loads": 0}
         self.last_store: Future | None = None
         self.event = None  # CUDA event after the latest compute (None on the CPU)
-        self._view, self._view_key, self._view_bytes = None, None, 0  # see _weights_view
         self._check_workspace()
-
-    def _check_workspace(self) -> None:
-        """Fail before generating if the largest step's intermediates cannot fit."""
-        b = self.e.policy.gpu_batch_size
-        need = step_workspace_bytes(self.e.spec, b, self.prompt_len, self.prompt_len,
-                                    self.e.dtype)
-        with self.e.tiers["gpu"].hold(need, "workspace: prefill step"):
-            pass
 
     def run(self) -> tuple[float, float]:
         """Execute the op stream; returns (prefill seconds, decode seconds)."""
@@ -111,37 +102,6 @@ class BlockRun:
         finally:
             self.close()
         return phase[0], phase[1]
-
-    def run_token(self, token: int) -> None:
-        """One token step of this process's parts for every GPU batch (a pipeline stage's
-        share of the step): the op stream cut to that token, waited out to its last store, so
-        the next micro-block's step starts with nothing in flight."""
-        stream = schedule.ops(self.e.schedule, self.gen_len, self.e.spec.num_layers + 2,
-                              len(self.batches), self.e.parts, token)
-        for op in stream:
-            getattr(self, op.kind)(op)
-        self._wait_stores()
-        self._release_view()
-
-    def _wait_stores(self) -> None:
-        wait([f for key, f in self.futures.items() if key[0].endswith("_store")])
-
-    def close(self) -> None:
-        """Stop the I/O threads, drop the dequantised view, and break the cycle through the
-        executor's trace hook (self._trace): without it a block's homes and buffers stay
-        alive until Python's cycle collector runs, and memory grows block after block."""
-        self.executor.close()
-        self.executor.trace = None
-        self.futures.clear()
-        self._release_view()
-
-    def _clock(self) -> float:
-        cuda_sync.synchronize(self.e.device)
-        return time.perf_counter()
-
-    def _trace(self, record: dict) -> None:
-        record["bytes"] = self.links.take_op_bytes()
-        self.e.callbacks.on_op(record)
 
     def _submit(self, op, fn) -> Future:
         """Run fn (which returns the buffer it brought) after the ops it depends on
@@ -204,40 +164,10 @@ class BlockRun:
         loaded = self.futures.pop(deps.cache(op.layer, op.batch), None) if op.token else None
         cache_slot = loaded.result() if loaded is not None else 0  # all on gpu: read in place
         start = time.perf_counter()
-        w = self._weights_view(op, weights)
-        batch = self.batches[op.batch]
-        first, tokens = batch.window(op.token)  # queries attend over first + tokens keys
-        need = step_workspace_bytes(self.e.spec, batch.ids.shape[0], tokens, first + tokens,
-                                    self.e.dtype)
-        with self.e.tiers["gpu"].hold(need, "workspace: compute step"):
-            self._cell(op, w, batch, x, cache_slot)
-        self.event = cuda_sync.compute_done(self.e.device)
-        end = time.perf_counter()
-        step = schedule.Step(op.token, op.layer, op.batch)
-        self.e.callbacks.on_step(step, start, end)
-        self._trace({"op": "compute", "token": op.token, "layer": op.layer,
-                     "batch": op.batch + self.batch_base,
-                     "start_s": start - self.executor.origin,
-                     "end_s": end - self.executor.origin})
-
-    def _weights_view(self, op, buffers: dict | None) -> dict:
-        """The part's weights as compute uses them. Compressed weights are dequantised once
-        per (token, layer) and reused by the next GPU batches of that layer (zig-zag runs
-        them back to back; row-by-row never does), their bytes held on the gpu tier until
-        another part's replace them."""
-        key = (op.token, op.layer)
-        if self._view_key != key:
-            self._release_view()
-            self._view = self.e.weights.compute_view(op.layer, buffers)
-            self._view_bytes = self.e.weights.dequant_bytes(op.layer)
-            self.e.tiers["gpu"].reserve(self._view_bytes, "workspace: dequantised weights")
-            self._view_key = key
-        return self._view
-
-    def _release_view(self) -> None:
-        if self._view_key is not None:
-            self.e.tiers["gpu"].release(self._view_bytes, "workspace: dequantised weights")
-        self._view, self._view_key, self._view_bytes = None, None, 0
+        w = self.e.weights.compute_view(op.token, op.layer, weights)
+        with self._workspace(op):
+            self._cell(op, w, self.batches[op.batch], x, cache_slot)
+        self._computed(op, start)
 
     def _cell(self, op, w: dict, batch: BatchState, x: torch.Tensor | None,
               cache_slot: int) -> None:
@@ -257,15 +187,9 @@ class BlockRun:
             pick_tokens(batch, i, logits, self.sampling, self.generator, spec.pad_token_id)
             return
         q, k_new, v_new = fam.attention_inputs(spec, w, x, positions)
-        if i == 0:
-            attn = ops.attention(q, k_new, v_new, batch.mask, self.e.score_scale)
-            pending = self.cache_io.prefill_rows(j - 1, op.batch, k_new, v_new)
-        else:
-            rows = {"k": k_new.permute(2, 0, 1, 3), "v": v_new.permute(2, 0, 1, 3)}
-            attn, pending = self.attention.attend(i, j - 1, op.batch, cache_slot, q, rows,
-                                                  batch.key_mask, self.e.score_scale,
-                                                  self.links)
-        self.pending[(j - 1, op.batch)] = pending
+        attn, self.pending[(j - 1, op.batch)] = self.attention.step(
+            i, j - 1, op.batch, cache_slot, q, k_new, v_new, batch, self.e.score_scale,
+            self.links)
         x = fam.attention_output(spec, w, attn, x)
         self.outputs[op.batch] = fam.mlp(spec, w, x)
 
@@ -291,3 +215,64 @@ class BlockRun:
             self.acts.store(op.batch, x, self.links, op.token)
             return
         self._submit(op, lambda: self.acts.store(op.batch, x, self.links, op.token))
+
+    # --- bookkeeping around a compute: its workspace, timing and trace ------------------
+
+    def _workspace(self, op):
+        """The step's intermediates, held on the gpu tier while it computes."""
+        batch = self.batches[op.batch]
+        first, tokens = batch.window(op.token)  # queries attend over first + tokens keys
+        need = step_workspace_bytes(self.e.spec, batch.ids.shape[0], tokens, first + tokens,
+                                    self.e.dtype)
+        return self.e.tiers["gpu"].hold(need, "workspace: compute step")
+
+    def _computed(self, op, start: float) -> None:
+        self.event = cuda_sync.compute_done(self.e.device)
+        end = time.perf_counter()
+        self.e.callbacks.on_step(schedule.Step(op.token, op.layer, op.batch), start, end)
+        self._trace({"op": "compute", "token": op.token, "layer": op.layer,
+                     "batch": op.batch + self.batch_base,
+                     "start_s": start - self.executor.origin,
+                     "end_s": end - self.executor.origin})
+
+
+    # --- the rest: a pipeline's token step, the stores' end, tracing, closing ---------
+
+    def run_token(self, token: int) -> None:
+        """One token step of this process's parts for every GPU batch (a pipeline stage's
+        share of the step): the op stream cut to that token, waited out to its last store, so
+        the next micro-block's step starts with nothing in flight."""
+        stream = schedule.ops(self.e.schedule, self.gen_len, self.e.spec.num_layers + 2,
+                              len(self.batches), self.e.parts, token)
+        for op in stream:
+            getattr(self, op.kind)(op)
+        self._wait_stores()
+        self.e.weights.release_view()
+
+    def _check_workspace(self) -> None:
+        """Fail before generating if the largest step's intermediates cannot fit."""
+        b = self.e.policy.gpu_batch_size
+        need = step_workspace_bytes(self.e.spec, b, self.prompt_len, self.prompt_len,
+                                    self.e.dtype)
+        with self.e.tiers["gpu"].hold(need, "workspace: prefill step"):
+            pass
+
+    def _wait_stores(self) -> None:
+        wait([f for key, f in self.futures.items() if key[0].endswith("_store")])
+
+    def close(self) -> None:
+        """Stop the I/O threads, drop the dequantised view, and break the cycle through the
+        executor's trace hook (self._trace): without it a block's homes and buffers stay
+        alive until Python's cycle collector runs, and memory grows block after block."""
+        self.executor.close()
+        self.executor.trace = None
+        self.futures.clear()
+        self.e.weights.release_view()
+
+    def _clock(self) -> float:
+        cuda_sync.synchronize(self.e.device)
+        return time.perf_counter()
+
+    def _trace(self, record: dict) -> None:
+        record["bytes"] = self.links.take_op_bytes()
+        self.e.callbacks.on_op(record)

@@ -145,6 +145,7 @@ class WeightHomes:
             self.parts[head].tensors["embed_tokens.weight"] = self._tied_embedding(
                 source, share, cache)
         self._reserve_slots()
+        self._view, self._view_key, self._view_bytes = None, None, 0  # see compute_view
 
     def _tied_embedding(self, source, share: Placement, cache) -> TensorHome:
         """The head's tied embedding: the embedding part's home where this process has one
@@ -204,8 +205,27 @@ class WeightHomes:
                     home.load(buffers[name][array], stage, links, token)
         return buffers
 
-    def compute_view(self, index: int, buffers: dict | None) -> dict[str, torch.Tensor]:
-        """Tensors compute can use: homes, loaded slots, or dequantised copies of them."""
+    def compute_view(self, token: int, index: int, buffers: dict | None
+                     ) -> dict[str, torch.Tensor]:
+        """Part `index`'s tensors as compute uses them: its homes (resident), the slot its
+        load filled, or dequantised copies of it. Compressed weights are dequantised once per
+        (token, part) and reused by the next GPU batches of that part (zig-zag runs them back
+        to back; row-by-row never does), their bytes held on the gpu tier until another
+        part's replace them or release_view()."""
+        if self._view_key != (token, index):
+            self.release_view()
+            self._view = self._unpack(index, buffers)
+            self._view_bytes = self.dequant_bytes(index)
+            self.tiers["gpu"].reserve(self._view_bytes, "workspace: dequantised weights")
+            self._view_key = (token, index)
+        return self._view
+
+    def release_view(self) -> None:
+        if self._view_key is not None:
+            self.tiers["gpu"].release(self._view_bytes, "workspace: dequantised weights")
+        self._view, self._view_key, self._view_bytes = None, None, 0
+
+    def _unpack(self, index: int, buffers: dict | None) -> dict[str, torch.Tensor]:
         part = self.parts[index]
         if part.resident:
             return part.resident_view
