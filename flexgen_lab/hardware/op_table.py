@@ -13,6 +13,13 @@ decode attention) with random weights over a grid of sizes fixed here, before an
     attention_prefill the prompt's causal attention: size = batch x prompt x prompt
     head              final norm and output projection of `rows` rows (the last position)
     embed             token (and position) embedding of `rows` rows
+    dequant_layer     dequantising one decoder layer's compressed matrices (size 1: one
+    dequant_embed     part, at the model's own shapes; the rate depends on the shape by 2-4x
+    dequant_head      on a CPU, so one bytes/s figure misses it)
+    dequant_cache     dequantising past keys and values: size = batch x keys
+
+The dequant operators are measured at 4 bits in groups of 64 (the paper's setting) and are
+optional in a stored table: without them the cost model uses the profile's dequant_rate.
 
 Each op's grid is powers of two, cut where one call passes MAX_CALL_S (the rest is
 extrapolated at the last point's rate). A profile stores tables keyed by shape (`shape_key`),
@@ -33,12 +40,14 @@ from dataclasses import dataclass
 
 import torch
 
+from flexgen_lab.engine import compress
 from flexgen_lab.engine.attention import decode_attention
 from flexgen_lab.models import families, ops
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import loaded_shapes
 
 OPS = ("dense", "attention_decode", "attention_prefill", "head", "embed")
+DEQUANT_OPS = ("dequant_layer", "dequant_embed", "dequant_head", "dequant_cache")
 MIN_SAMPLE_S = 0.05  # short calls are repeated until they add up to this
 MAX_CALL_S = 0.5  # a grid stops growing past a call this long: beyond it time is linear
 GRID_EXPONENTS = {  # log2 of the sizes measured per op (full grid; quick takes every other)
@@ -47,7 +56,10 @@ GRID_EXPONENTS = {  # log2 of the sizes measured per op (full grid; quick takes 
     "attention_prefill": range(8, 23),  # batch x s x s: 16^2 .. 2048^2
     "head": range(0, 10),  # 1 .. 512 rows
     "embed": range(0, 13),
+    "dequant_layer": range(0, 1), "dequant_embed": range(0, 1), "dequant_head": range(0, 1),
+    "dequant_cache": range(5, 18),  # batch x keys, as attention_decode
 }
+DEQUANT_CONFIG = (4, 64)  # bits, group size
 
 
 def shape_key(spec: ModelSpec, dtype_bytes: int) -> str:
@@ -83,6 +95,9 @@ class OpTable:
         return OpTable({op: tuple((s, t / factors.get(op, 1.0)) for s, t in pts)
                         for op, pts in self.points.items()})
 
+    def has(self, op: str) -> bool:
+        return op in self.points
+
     def to_json(self) -> dict[str, list[list[float]]]:
         return {op: [[s, t] for s, t in pts] for op, pts in self.points.items()}
 
@@ -92,7 +107,7 @@ class OpTable:
         if missing:
             raise ValueError(f"operator table without {', '.join(missing)}; expected {OPS}")
         return OpTable({op: tuple(sorted((float(s), float(t)) for s, t in data[op]))
-                        for op in OPS})
+                        for op in (*OPS, *DEQUANT_OPS) if op in data})
 
 
 def _fastest_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
@@ -173,19 +188,54 @@ class _Operators:
         return lambda: self.family.embed(self.spec, self.embed_w, ids, positions)
 
 
+class _Dequantisers:
+    """What the engine dequantises, at the model's shapes (weight_homes.compute_view: each
+    compressed matrix of a part; cache_homes.unpack: past keys and values)."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+        self.spec, self.dtype, self.device = spec, dtype, device
+
+    def _part(self, part: str) -> Callable[[], object]:
+        config = compress.CompressionConfig(*DEQUANT_CONFIG, 0)  # as weight homes pack
+        packed = [compress.quantize(w, config)
+                  for w in _weights(self.spec, part, self.dtype, self.device).values()
+                  if w.dim() >= 2]
+        return lambda: [compress.dequantize(c) for c in packed]
+
+    def dequant_layer(self, size: int) -> Callable[[], object]:
+        return self._part("layer")
+
+    def dequant_embed(self, size: int) -> Callable[[], object]:
+        return self._part("embed")
+
+    def dequant_head(self, size: int) -> Callable[[], object]:
+        return self._part("head")
+
+    def dequant_cache(self, size: int) -> Callable[[], object]:
+        keys = min(size, 1024)
+        batch, s = max(1, size // keys), self.spec
+        rows = torch.randn(keys, batch, s.num_kv_heads, s.head_dim, dtype=self.dtype,
+                           device=self.device)
+        packed = compress.quantize(rows, compress.CompressionConfig(*DEQUANT_CONFIG, -1))
+        work = torch.empty_like(rows)  # cache_io copies the past into its dequant buffer
+        return lambda: [work.copy_(compress.dequantize(packed)) for _ in "kv"]
+
+
 def measure_table(spec: ModelSpec, dtype: torch.dtype, device: torch.device, quick: bool,
                   progress: Callable[[str], None] | None = None) -> OpTable:
     """Time every operator over its grid (median of a few calls after a warm-up)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     operators, repeats = _Operators(spec, dtype, device), 2 if quick else 3
+    dequantisers = _Dequantisers(spec, dtype, device)
     points = {}
     with torch.inference_mode():
-        for op in OPS:
+        for op in (*OPS, *DEQUANT_OPS):
+            source = dequantisers if op in DEQUANT_OPS else operators
             exponents = list(GRID_EXPONENTS[op])[:: 2 if quick else 1]
             points[op] = []
             for e in exponents:
                 size = 2**e
-                seconds = _fastest_seconds(getattr(operators, op)(size), repeats, sync)
+                seconds = _fastest_seconds(getattr(source, op)(size), repeats, sync)
                 points[op].append((float(size), seconds))
                 if seconds > MAX_CALL_S:
                     break

@@ -95,7 +95,8 @@ def step_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, part
     attention = the table's, or (rows - cpu_rows) 4 tokens keys q_dim / bmm_flops (half of
                 it in prefill: causal)
     cpu_attention = cpu_rows 4 keys q_dim / (cpu_flops x correction(gbs, hidden))
-    dequant   = [matrix bytes (compressed weights, unless dequant_weights is false: the
+    dequant   = dequant_seconds: the table's times where it has them, else
+                [matrix bytes (compressed weights, unless dequant_weights is false: the
                 engine dequantises a part once per (token, layer), so in zig-zag only a
                 block's first GPU batch pays it) + 2 rows (keys - 1) kv_dim dtype_bytes
                 (compressed cache, decode)] / dequant_rate
@@ -114,13 +115,28 @@ def step_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, part
     if cpu_rows and part == "layer":
         cpu = profile.cpu_flops_for(policy.gpu_batch_size, spec.hidden)
         out["cpu_attention"] = cpu_rows * attention_flops(spec, 1, keys) / cpu
-    if profile.dequant_rate:
-        unpacked = (matrix_bytes(spec, part, dtype_bytes)
-                    if policy.compress_weight and dequant_weights else 0)
-        if policy.compress_cache and part == "layer" and phase == "decode":
-            unpacked += 2 * rows * (keys - 1) * spec.kv_dim * dtype_bytes
-        out["dequant"] = unpacked / profile.dequant_rate
+    out["dequant"] = dequant_seconds(spec, policy, profile, table, part, rows, keys, phase,
+                                     dtype_bytes, dequant_weights)
     return out
+
+
+def dequant_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile,
+                    table: OpTable | None, part: str, rows: int, keys: float, phase: str,
+                    dtype_bytes: int, dequant_weights: bool) -> float:
+    """Dequantising a part's compressed weights and, in decode, a layer's compressed past
+    keys and values: the operator table's times at the model's shapes where it has them,
+    else bytes written / the profile's dequant_rate (0 without one)."""
+    weights = policy.compress_weight and dequant_weights
+    cache = policy.compress_cache and part == "layer" and phase == "decode"
+    if table is not None and table.has(f"dequant_{part}"):
+        return ((table.seconds(f"dequant_{part}", 1) if weights else 0.0)
+                + (table.seconds("dequant_cache", rows * (keys - 1)) if cache else 0.0))
+    if not profile.dequant_rate:
+        return 0.0
+    unpacked = matrix_bytes(spec, part, dtype_bytes) if weights else 0
+    if cache:
+        unpacked += 2 * rows * (keys - 1) * spec.kv_dim * dtype_bytes
+    return unpacked / profile.dequant_rate
 
 
 def table_terms(table: OpTable, part: str, rows: int, tokens: int, keys: float,

@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 from flexgen_lab.engine import schedule as schedules
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.transfer import LINKS, phase_of
-from flexgen_lab.hardware.op_table import OPS, OpTable, measure_table, shape_key
+from flexgen_lab.hardware.op_table import (
+    DEQUANT_OPS,
+    OPS,
+    OpTable,
+    measure_table,
+    shape_key,
+)
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import predict
 from flexgen_lab.planner.traffic import OpTraffic, window_bytes
@@ -52,7 +58,7 @@ def test_lookup_is_exact_on_the_grid_linear_between_and_proportional_beyond(poin
 def test_a_measured_table_covers_every_operator_at_the_models_shapes():
     spec = ModelSpec.from_name("llama-tiny")
     measured = measure_table(spec, torch.float32, torch.device("cpu"), quick=True)
-    assert set(measured.points) == set(OPS)
+    assert set(measured.points) == set(OPS) | set(DEQUANT_OPS)
     for op, points in measured.points.items():
         sizes = [s for s, _ in points]
         assert sizes == sorted(sizes) and all(s & (s - 1) == 0 for s in map(int, sizes)), op
@@ -80,6 +86,36 @@ def test_the_cost_model_reads_the_table_of_the_models_shapes():
     # another dtype's table is not this one's
     assert predict(spec, resident, "zigzag", hw.replace(
         op_tables={shape_key(spec, 4): table()}), 64, 8).decode_s == flops.decode_s
+
+
+def test_dequantisation_is_read_from_the_table_where_it_has_it():
+    """Compressed weights and cache cost the table's dequant times at the model's shapes
+    (one layer's matrices per (token, layer) in zig-zag; past keys and values per decode
+    step); a table stored before those operators existed falls back to dequant_rate."""
+    spec, hw = ModelSpec.from_name("opt-125m"), profile("t4-paper")
+    old = OpTable.from_json({op: [[1, 1e-3]] for op in OPS})
+    assert not old.has("dequant_layer")
+    layer_s, per_row_key = 0.25, 1e-6
+    dequant = {"dequant_layer": ((1.0, layer_s),), "dequant_embed": ((1.0, 0.5),),
+               "dequant_head": ((1.0, 0.75),),
+               "dequant_cache": ((1.0, per_row_key), (2.0**20, 2.0**20 * per_row_key))}
+    new = OpTable({**old.points, **dequant})
+    policy = Policy(gpu_batch_size=4, num_gpu_batches=2, weights=Placement(0, 1),
+                    compress_weight=True, compress_cache=True)
+    s, n = 16, 3
+    terms = predict(spec, policy, "zigzag", hw.replace(op_tables={shape_key(spec, 2): new}),
+                    s, n).terms
+    assert terms["prefill"]["dequant"] == pytest.approx(
+        spec.num_layers * layer_s + 0.5 + 0.75)  # once per part: the block's first batch
+    mean_keys = s + (n - 1) / 2  # decode steps see s .. s + n - 2 past positions
+    cache = spec.num_layers * 2 * (n - 1) * 4 * (mean_keys - 0.5) * per_row_key
+    assert terms["decode"]["dequant"] == pytest.approx(
+        (n - 1) * (spec.num_layers * layer_s + 0.5 + 0.75) + cache, rel=0.02)
+    fallback = predict(spec, policy, "zigzag", hw.replace(op_tables={shape_key(spec, 2): old}),
+                       s, n).terms
+    without = predict(spec, policy, "zigzag", hw.replace(
+        op_tables={shape_key(spec, 2): old}, dequant_rate=None), s, n).terms
+    assert fallback["decode"]["dequant"] > 0 == without["decode"]["dequant"]
 
 
 @settings(max_examples=25, deadline=None)
