@@ -58,9 +58,8 @@ def profile_for(spec: ModelSpec, dtype: torch.dtype, gpu: int, cpu: int) -> Hard
     return HardwareProfile(name="calibrated", source="search_quality", gpu_mem=gpu,
                            cpu_mem=cpu, disk_mem=calibrate.default_capacities(OFFLOAD)[
                                "disk_mem"], cpu_correction=(0.0, 0.0, 0.0),
-                           safety_factor=1.0, op_tables={key: table},
-                           io_latency_s=calibrate.copy_latencies(device, OFFLOAD),
-                           step_overhead_s=calibrate.engine_step_overhead(device, dtype), **speeds)
+                           safety_factor=1.0, op_tables={key: table}, **speeds,
+                           **calibrate.engine_settings(device, dtype, OFFLOAD))
 
 
 def measured(spec, policy: Policy, dtype, profile: HardwareProfile, repeats: int) -> float:

@@ -143,9 +143,8 @@ def calibrated_profile(spec: ModelSpec) -> HardwareProfile:
     key, table = calibrate.model_table(spec, torch.float32, device, quick=False)
     return HardwareProfile(name="calibrated", source="this run", cpu_correction=(0, 0, 0),
                            safety_factor=0.8, **calibrate.default_capacities(OFFLOAD),
-                           io_latency_s=calibrate.copy_latencies(device, Path(OFFLOAD)),
-                           step_overhead_s=calibrate.engine_step_overhead(device, torch.float32),
-                           op_tables={key: table}, **speeds)
+                           op_tables={key: table}, **speeds,
+                           **calibrate.engine_settings(device, torch.float32, OFFLOAD))
 
 
 def main() -> None:

@@ -105,8 +105,7 @@ def measure_command(options: dict[str, str]) -> None:
     dtype = getattr(torch, resolve_dtype(options["dtype"], device))
     quick = options["quick"] == "true"
     speeds = calibrate.measure(quick, options["offload_dir"], dtype)
-    settings = {"io_latency_s": calibrate.copy_latencies(device, Path(options["offload_dir"])),
-                "step_overhead_s": calibrate.engine_step_overhead(device, dtype)}
+    settings = calibrate.engine_settings(device, dtype, options["offload_dir"])
     tables = calibrate.kept_tables(options["name"])
     for spec in specs:
         key, table = calibrate.model_table(spec, dtype, device, quick)
@@ -121,6 +120,8 @@ def measure_command(options: dict[str, str]) -> None:
         unit = "FLOP/s" if "flops" in key else "B/s"
         print(f"  {key:32s} {value:12.4g} {unit} (measured)")
     print(f"  engine overhead per compute step {1e6 * settings['step_overhead_s']:12.1f} us "
+          "(measured)")
+    print(f"  compute slowed by a copy beside it {settings['overlap_contention']:10.2f} s per s "
           "(measured)")
     for link, seconds in settings["io_latency_s"].items():
         print(f"  latency {link:24s} {1e6 * seconds:12.1f} us per copy (measured)")

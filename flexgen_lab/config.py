@@ -105,6 +105,9 @@ class HardwareConfig:
     gpu_mem_bw: Any = None  # device memory bandwidth: decode reads every weight each step
     dequant_rate: Any = None  # bytes/s of dequantised output (4-bit groups -> compute dtype)
     step_overhead_s: float = 0.0  # fixed seconds per compute step (launches, bookkeeping)
+    # extra compute seconds per second of copying beside it: 0 = copies hide behind compute
+    # (a GPU's copy engines), 1 = copy and compute take turns (one memory, shared cores)
+    overlap_contention: float = 0.0
     cpu_flops: Any = None  # CPU attention, times the original's batch/hidden correction:
     cpu_correction: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # c1 c2 c3
     safety_factor: float = 0.8  # share of each capacity a searched policy may plan to use

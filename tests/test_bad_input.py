@@ -101,6 +101,7 @@ LINES = [
     Line("run hardware.cpu_mem=1000TB", 2, "hardware.cpu_mem"),
     Line("run hardware.disk_mem=99999999999999999999999", 2, "hardware.disk_mem"),
     Line("run hardware.step_overhead_s=nan", 2, "hardware.step_overhead_s"),
+    Line("run hardware.overlap_contention=-1", 2, "hardware.overlap_contention"),
     Line("run backend=simulated hardware=t4-paper hardware.bw_cpu_to_gpu=inf", 2,
          "hardware.bw_cpu_to_gpu"),
     # options that exist but do not fit together, or are not built

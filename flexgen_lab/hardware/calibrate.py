@@ -10,9 +10,11 @@ bypassed (the engine's own DiskFile), matmul and batched-matmul throughput shape
 prefill and decode, CPU attention, and device memory bandwidth. Each figure is the median of
 a few repeats after a warm-up. Also: what one small copy costs on each link beyond its bytes
 (`io_latency_s`), the engine's own cost per compute step (`step_overhead_s`, on a model too
-small to compute), and with `model=` each model's operator time table at its own shapes
-(hardware/op_table.py). The profile goes to $FLEXGEN_LAB_CONFIG_DIR/hardware/ (default
-~/.config/flexgen_lab), a directory conf/config.yaml adds to Hydra's search path.
+small to compute), what a copy beside a compute costs the compute (`overlap_contention`:
+on a CPU the "device" and the host are one memory and two cores), and with `model=` each
+model's operator time table at its own shapes (hardware/op_table.py). The profile goes to
+$FLEXGEN_LAB_CONFIG_DIR/hardware/ (default ~/.config/flexgen_lab), a directory
+conf/config.yaml adds to Hydra's search path.
 """
 
 from __future__ import annotations
@@ -192,6 +194,55 @@ def engine_step_overhead(device: torch.device, dtype: torch.dtype, repeats: int 
     return max(0.0, (decode - arithmetic) / (steps * (spec.num_layers + 2)))
 
 
+def overlap_contention(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Compute seconds added per second of copying beside it, as the engine runs the two: a
+    decode-shaped matmul on the main thread, a cpu->gpu copy on an I/O thread of one torch
+    thread (transfer.Executor's), sized to take about as long. (both - max(alone)) /
+    min(alone), clipped to [0, MAX_CONTENTION]: 0 where the copy hides (a GPU's copy engine),
+    about 1 where the two take turns, more where sharing costs beyond that."""
+    from flexgen_lab.hardware.profile import MAX_CONTENTION
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    h = 768
+    a = torch.randn(16, h, dtype=dtype, device=device)
+    w = torch.randn(4 * h, h, dtype=dtype, device=device)
+
+    def compute():
+        for _ in range(20):
+            torch.nn.functional.linear(a, w)
+    compute_s = _median_seconds(compute, repeats, sync)
+    host = torch.empty(2**20, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    rate = host.numel() / _median_seconds(lambda: torch.empty_like(host, device=device)
+                                          .copy_(host), repeats, sync)
+    host = torch.empty(max(4096, int(rate * compute_s)), dtype=torch.uint8,
+                       pin_memory=device.type == "cuda")
+    target = torch.empty_like(host, device=device)
+
+    def copy():
+        target.copy_(host, non_blocking=device.type == "cuda")
+        sync()
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        copy_s = _median_seconds(lambda: pool.submit(copy).result(), repeats, sync)
+
+        def both():
+            future = pool.submit(copy)
+            compute()
+            sync()
+            future.result()
+        both_s = _median_seconds(both, repeats, sync)
+    extra = (both_s - max(compute_s, copy_s)) / min(compute_s, copy_s)
+    return min(MAX_CONTENTION, max(0.0, extra))
+
+
+def engine_settings(device: torch.device, dtype: torch.dtype, offload_dir: str | Path
+                    ) -> dict:
+    """A profile's measured non-speed fields: per-copy latencies, the engine's overhead per
+    compute step, and what a copy beside a compute costs it."""
+    return {"io_latency_s": copy_latencies(device, Path(offload_dir)),
+            "step_overhead_s": engine_step_overhead(device, dtype),
+            "overlap_contention": overlap_contention(device, dtype)}
+
+
 def kept_tables(name: str, directory: Path | None = None) -> dict:
     """The operator tables of an existing profile of that name: calibrating again (another
     model, say) adds to them instead of losing them."""
@@ -217,7 +268,7 @@ def write_profile(name: str, speeds: dict[str, float], capacities: dict[str, int
                   settings: dict | None = None) -> Path:
     """hardware/<name>.yaml under the user config directory (or `directory`); settings are
     the profile's non-speed fields (cpu_correction, safety_factor, step_overhead_s,
-    io_latency_s, op_tables), written as JSON (which YAML reads)."""
+    io_latency_s, overlap_contention, op_tables), written as JSON (which YAML reads)."""
     target = (directory or user_config_dir()) / "hardware" / f"{name}.yaml"
     target.parent.mkdir(parents=True, exist_ok=True)
     settings = {"cpu_correction": [0.0, 0.0, 0.0], "safety_factor": 0.8, **(settings or {})}

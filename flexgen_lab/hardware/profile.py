@@ -24,6 +24,7 @@ SPEED_FIELDS = ("bw_cpu_to_gpu", "bw_gpu_to_cpu_cache", "bw_gpu_to_cpu_hidden", 
                 "bw_cpu_to_disk_cache_prefill", "bw_cpu_to_disk_hidden_prefill",
                 "bw_cpu_to_disk_decode", "mm_flops_prefill", "mm_flops_decode",
                 "bmm_flops_prefill", "bmm_flops_decode", "cpu_flops")
+MAX_CONTENTION = 4.0  # sharing cores costs at most this much beyond taking turns
 OPTIONAL_SPEEDS = ("gpu_mem_bw", "dequant_rate")  # terms the original cost model did not have
 NETWORK_FIELDS = ("bw_network", "network_latency_s")  # the link between pipeline stages
 _RATE_UNITS = {"B/s": 1, "KB/s": 1e3, "MB/s": 1e6, "GB/s": 1e9, "TB/s": 1e12,
@@ -71,6 +72,7 @@ class HardwareProfile:
     cpu_correction: tuple[float, float, float]
     safety_factor: float
     step_overhead_s: float = 0.0  # seconds per compute step; 0 = none (the original had none)
+    overlap_contention: float = 0.0  # compute seconds added per second of overlapped copying
     io_workers: int | None = None  # loads and stores in flight at once; None: IO_THREADS
     io_latency_s: dict[str, float] = field(default_factory=dict)  # link -> seconds per copy
     op_tables: dict[str, OpTable] = field(default_factory=dict)  # shape_key -> measured times
@@ -85,6 +87,10 @@ class HardwareProfile:
         if not 0 <= cfg.step_overhead_s < 1:
             raise ConfigError(f"hardware.step_overhead_s={cfg.step_overhead_s!r}: seconds per "
                               "compute step; allowed: [0, 1)")
+        if not 0 <= cfg.overlap_contention <= MAX_CONTENTION:
+            raise ConfigError(f"hardware.overlap_contention={cfg.overlap_contention!r}: compute "
+                              "seconds added per second of copying beside it; allowed: "
+                              f"[0, {MAX_CONTENTION}]")
         if not 0 < cfg.safety_factor <= 1:
             raise ConfigError(f"hardware.safety_factor={cfg.safety_factor!r}: must be in (0, 1]")
         return HardwareProfile(
@@ -93,6 +99,7 @@ class HardwareProfile:
             cpu_correction=tuple(float(c) for c in cfg.cpu_correction),
             safety_factor=float(cfg.safety_factor),
             step_overhead_s=float(cfg.step_overhead_s), io_workers=cfg.io_workers,
+            overlap_contention=float(cfg.overlap_contention),
             io_latency_s=_latencies(cfg.io_latency_s), op_tables=_op_tables(cfg.op_tables),
             bw_network=parse_rate(cfg.bw_network, "bw_network"),
             network_latency_s=_network_latency(cfg.network_latency_s), **speeds)

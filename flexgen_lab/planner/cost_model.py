@@ -180,7 +180,7 @@ def delegated_rows(policy: Policy) -> float:
     return (policy.block_size - split.gpu) / policy.num_gpu_batches
 
 
-TERMS = ("matmul", "attention", "cpu_attention", "dequant", "overhead")
+TERMS = ("matmul", "attention", "cpu_attention", "dequant", "overhead", "contention")
 
 
 def window_compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile,
@@ -224,8 +224,11 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
     store holds one worker across all its links), and each batch's chain of compute ->
     activations home -> back, which only the other GPU batches' compute can hide
     (n = num_gpu_batches in zig-zag, 1 in row-by-row), summed over windows:
-    T = sum_w max(link_w,1 .. link_w,4, sum(link_w) / workers,
-                  (compute_w + hidden round trip_w) / n, compute_w).
+    T = sum_w max(copy_w, (compute_w + hidden round trip_w) / n, compute_w)
+              + overlap_contention x min(copy_w, compute_w),
+    copy_w = max(link_w,1 .. link_w,4, sum(link_w) / workers): the second line is what
+    copies and compute running side by side cost each other (0 on a GPU; about 1 on a CPU,
+    whose copies and compute share cores and memory, measured by calibrate).
     Without overlap it is the sum of everything. A pipeline stage passes a spec with its
     own decoder layers and `ends` (traffic.window_bytes; planner/pipeline.py)."""
     profile.require_speeds()
@@ -249,9 +252,14 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
             for term, seconds in (*io.items(), *compute[phase][window].items()):
                 terms[phase][term] += seconds
             round_trip = sum(own.values())
-            times[phase] += (max(*io.values(), sum(io.values()) / profile.workers(),
-                                 (work + round_trip) / interleaved(policy, schedule), work)
-                             if policy.overlap else sum(io.values()) + work)
+            if not policy.overlap:
+                times[phase] += sum(io.values()) + work
+                continue
+            copying = max(*io.values(), sum(io.values()) / profile.workers())
+            contention = profile.overlap_contention * min(copying, work)
+            terms[phase]["contention"] += contention
+            times[phase] += max(copying, (work + round_trip) / interleaved(policy, schedule),
+                                work) + contention
     return Prediction(times["prefill"], times["decode"], num_prompts, gen_len, terms)
 
 

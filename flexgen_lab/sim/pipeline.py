@@ -98,7 +98,8 @@ def simulate_stage(spec: ModelSpec, policy: Policy, schedule_name: str,
     stream = schedule.ops(schedule_name, gen_len, spec.num_layers + 2, policy.num_gpu_batches,
                           parts)
     steps: list[float] = []
-    _, _, records = run_stream(stream, costs, policy.overlap, 0.0, profile.workers(), steps)
+    _, _, records = run_stream(stream, costs, policy.overlap, 0.0, profile.workers(), steps,
+                               profile.overlap_contention)
     moved = {p: dict.fromkeys((*LINKS, "network"), 0) for p in PHASES}
     for record in records:
         for link, n in record["bytes"].items():

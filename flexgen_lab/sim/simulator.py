@@ -11,6 +11,8 @@ What it honours, as the engine does (engine/engine.py):
   runs inline, in stream order;
 - each link is a FIFO queue (one copy at a time at the profile's bandwidth): an op crosses its
   links in order (disk -> cpu -> gpu for loads, gpu -> cpu -> disk for stores);
+- a compute and the copies beside it slow each other (profile.overlap_contention seconds
+  per second of overlap: 0 on a GPU, about 1 on a CPU whose copies share its cores);
 - the phase clocks are the engine's: a token step starts when the main thread reaches its
   first compute, and the run ends when the last store is done.
 Durations come from the cost model's own terms (link_rate, step_seconds), bytes from
@@ -66,8 +68,10 @@ class Simulation:
 class _Clock:
     """State of one block's simulation: the main thread, the I/O workers, the link queues."""
 
-    def __init__(self, overlap: bool, start: float, workers: int):
-        self.overlap, self.now = overlap, start
+    def __init__(self, overlap: bool, start: float, workers: int, contention: float = 0.0):
+        self.overlap, self.now, self.contention = overlap, start, contention
+        self.copying: list[tuple[float, float]] = []  # I/O ops' busy spans, for contention
+        self.in_flight: list[tuple] = []  # buffers whose I/O may not have ended yet
         self.workers = [start] * workers
         self.link_free = dict.fromkeys(LINKS, start)
         self.done: dict[tuple, float] = {}  # buffer key -> end of the op that fills/frees it
@@ -94,6 +98,8 @@ class _Clock:
         self.done[key] = t
         if self.overlap:
             self.workers[worker] = t
+            self.copying.append((start, t))
+            self.in_flight.append(key)
         else:
             self.now = t
         if store:
@@ -101,20 +107,56 @@ class _Clock:
         return start, t
 
     def compute(self, deps: list[tuple], cost: Cost) -> tuple[float, float]:
+        """A compute on the main thread. Copies running beside it and the compute slow each
+        other (profile.overlap_contention: 0 on a GPU, about 1 on a CPU whose copies share
+        its cores): the compute takes contention x the copying it overlaps longer, and the
+        copies' timeline after its start stretches the same way (every copy that overlaps it
+        was issued before it: the main thread issues nothing while it computes)."""
         start = max([self.now, *(self.done.get(d, self.now) for d in deps)])
-        self.now = start + cost.compute_s
-        return start, self.now
+        end = start + cost.compute_s
+        if self.contention and self.copying:
+            self._stretch(start, end)
+            end += self.contention * _covered(self.copying, start, end)
+        self.now = end
+        return start, end
+
+    def _stretch(self, start: float, end: float) -> None:
+        """Delay every I/O time after `start` by contention x the copying in [start, that
+        time] (up to the compute's end): monotone, so the copies keep their order."""
+        spans = self.copying = [(a, b) for a, b in self.copying if b > start]
+        self.in_flight = [k for k in self.in_flight if self.done[k] > start]
+
+        def later(t: float) -> float:
+            return t + self.contention * _covered(spans, start, min(t, end)) if t > start else t
+        self.workers = [later(t) for t in self.workers]
+        self.link_free = {link: later(t) for link, t in self.link_free.items()}
+        self.last_store, self.stores_end = later(self.last_store), later(self.stores_end)
+        for key in self.in_flight:
+            self.done[key] = later(self.done[key])
+        self.copying = [(later(a), later(b)) for a, b in spans]
+
+
+def _covered(spans: list[tuple[float, float]], start: float, end: float) -> float:
+    """Length of [start, end] covered by the union of spans."""
+    covered, reach = 0.0, start
+    for a, b in sorted(spans):
+        a, b = max(a, reach), min(b, end)
+        if b > a:
+            covered += b - a
+            reach = b
+    return covered
 
 
 def run_stream(ops: Iterable[Op], cost_of: Callable[[Op], Cost], overlap: bool,
                start: float = 0.0, workers: int = IO_THREADS,
-               token_steps: list[float] | None = None
+               token_steps: list[float] | None = None, contention: float = 0.0
                ) -> tuple[list[float], float, list[dict]]:
     """Time one block's op stream from `start`. Returns ([prefill, decode] seconds by the
     engine's clocks: each token step from its first compute to the next step's, the last to
     the end of the last store), the end time, and the op records. `token_steps`, when
-    given, receives each token step's seconds by the same clocks (a pipeline stage's)."""
-    clock, records = _Clock(overlap, start, workers), []
+    given, receives each token step's seconds by the same clocks (a pipeline stage's);
+    `contention`: compute seconds each second of copying beside a compute adds to it."""
+    clock, records = _Clock(overlap, start, workers, contention), []
     phase, token, mark = [0.0, 0.0], 0, start
     for op in ops:
         cost = cost_of(op)
@@ -200,7 +242,8 @@ def simulate(spec: ModelSpec, policy: Policy, schedule_name: str, profile: Hardw
         stream = schedule.ops(schedule_name, gen_len, spec.num_layers + 2,
                               policy.num_gpu_batches)
         phase, start, records = run_stream(stream, costs, policy.overlap, start,
-                                           profile.workers())
+                                           profile.workers(),
+                                           contention=profile.overlap_contention)
         phases = [phases[0] + phase[0], phases[1] + phase[1]]
         trace.extend(records)
         for record in records:

@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 
+import torch
 import yaml
 
 from flexgen_lab.engine.transfer import LINKS
 from flexgen_lab.hardware.op_table import shape_key
-from flexgen_lab.hardware.profile import OPTIONAL_SPEEDS, SPEED_FIELDS
+from flexgen_lab.hardware.profile import MAX_CONTENTION, OPTIONAL_SPEEDS, SPEED_FIELDS
 from flexgen_lab.models.spec import ModelSpec
 
 
@@ -25,6 +26,9 @@ def test_quick_calibration_writes_a_profile_hydra_finds(tmp_path):
     for key in (*SPEED_FIELDS, *OPTIONAL_SPEEDS):
         assert float(profile[key]) > 0, key
     assert 0 <= profile["step_overhead_s"] < 0.1  # per engine step (a measured difference)
+    assert 0 <= profile["overlap_contention"] <= MAX_CONTENTION
+    if not torch.cuda.is_available() and (os.cpu_count() or 1) <= 2:
+        assert profile["overlap_contention"] > 0.1  # copy and compute share two cores
     assert set(profile["io_latency_s"]) == set(LINKS)
     assert all(0 < s < 0.1 for s in profile["io_latency_s"].values())
     keys = {shape_key(ModelSpec.from_name(m), 4) for m in ("llama-tiny", "opt-tiny")}

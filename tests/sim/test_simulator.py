@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from flexgen_lab.engine.policy import Placement, Policy
@@ -116,3 +118,49 @@ def test_opt_175b_on_the_papers_t4_simulates_without_weights():
     assert 0.05 < sim.generation_throughput < 5
     assert {r["op"] for r in sim.trace} == {"load_weight", "load_cache", "load_hidden",
                                             "compute", "store_cache", "store_hidden"}
+
+
+@pytest.mark.parametrize("contention", [0.0, 0.5, 1.0])
+def test_copies_beside_a_compute_slow_it_by_the_profiles_contention(contention):
+    # the first stream again: compute0 (1-3) and w1 (1-4) run side by side for 2 s, so each
+    # takes 2c longer (compute0 ends at 3 + 2c, w1 at 4 + 2c); the hidden load queues behind
+    # w1 and waits for the store, and compute1 then runs beside nothing
+    ops = [Op("load_weight", 0, 0, 0), Op("load_weight", 0, 1, 0), Op("compute", 0, 0, 0),
+           Op("store_hidden", 0, 0, 0), Op("load_hidden", 0, 1, 0), Op("compute", 0, 1, 0)]
+    table = {("load_weight", 0): Cost(links=(("cpu_to_gpu", 1.0),)),
+             ("load_weight", 1): Cost(links=(("cpu_to_gpu", 3.0),)),
+             ("compute", 0): Cost(compute_s=2.0),
+             ("store_hidden", 0): Cost(links=(("gpu_to_cpu", 0.5),)),
+             ("load_hidden", 1): Cost(links=(("cpu_to_gpu", 0.25),)),
+             ("compute", 1): Cost(compute_s=1.0)}
+    _, end, records = run_stream(ops, costs(table), overlap=True, contention=contention)
+    compute0 = next(r for r in records if r["op"] == "compute" and r["layer"] == 0)
+    assert compute0["end_s"] == pytest.approx(3.0 + 2.0 * contention)
+    store_end = 3.0 + 2.0 * contention + 0.5
+    assert end == pytest.approx(max(4.0 + 2.0 * contention, store_end) + 0.25 + 1.0)
+    _, serial, _ = run_stream(ops, costs(table), overlap=False, contention=contention)
+    assert serial == pytest.approx(7.75)  # nothing runs beside a compute without overlap
+
+
+def test_contention_slows_the_cost_model_and_the_simulator_alike():
+    """Weights streamed from the cpu tier on a T4 with compute slowed 10x, so copies and
+    compute take about as long: with contention 1 (they take turns) overlap gains nothing,
+    by the cost model exactly and by the simulator within 10 %; 0.5 lies between; without
+    overlap nothing changes."""
+    spec = ModelSpec.from_name("opt-1.3b")
+    policy = Policy(gpu_batch_size=8, num_gpu_batches=2, weights=Placement(0.2, 0.8))
+    serial_policy = dataclasses.replace(policy, overlap=False)
+    t4 = profile("t4-paper")
+    hw = t4.replace(mm_flops_decode=t4.mm_flops_decode / 10,
+                    mm_flops_prefill=t4.mm_flops_prefill / 10)
+    for model in (simulate, predict):
+        rate = {c: model(spec, policy, "zigzag", hw.replace(overlap_contention=c), 128, 8
+                         ).generation_throughput for c in (0.0, 0.5, 1.0)}
+        serial = model(spec, serial_policy, "zigzag", hw, 128, 8).generation_throughput
+        assert serial < 0.95 * rate[0.0], model.__name__  # overlap pays without contention
+        assert rate[1.0] < rate[0.5] < rate[0.0], model.__name__
+        assert rate[1.0] == pytest.approx(serial, rel=1e-9 if model is predict else 0.1)
+        assert model(spec, serial_policy, "zigzag", hw.replace(overlap_contention=1.0), 128,
+                     8).generation_throughput == serial
+    terms = predict(spec, policy, "zigzag", hw.replace(overlap_contention=1.0), 128, 8).terms
+    assert terms["decode"]["contention"] > 0
