@@ -2,6 +2,7 @@
 
     python -m benchmarks.search_quality            # opt-125m fp32 and opt-1.3b bf16
     python -m benchmarks.search_quality --quick    # opt-125m only, 2 repeats
+    python -m benchmarks.search_quality --only opt-1.3b --repeats 2
 
 1. calibrate this machine in process (speeds, per-copy latencies, the model's operator
    table: what `calibrate model=NAME quick=true` writes);
@@ -120,12 +121,16 @@ def run_case(model: str, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="opt-125m only, 2 repeats")
+    parser.add_argument("--only", choices=list(CASES), help="one model of the two")
+    parser.add_argument("--repeats", type=int, help="generations per policy (default 3, 2 "
+                        "with --quick)")
     args = parser.parse_args()
     OFFLOAD.mkdir(parents=True, exist_ok=True)
     print(f"# measured on {device_name(compute_device())}, {torch.get_num_threads()} threads")
     start = time.perf_counter()
-    models = ["opt-125m"] if args.quick else list(CASES)
-    ratios = {m: run_case(m, 2 if args.quick else 3) for m in models}
+    models = [args.only] if args.only else ["opt-125m"] if args.quick else list(CASES)
+    repeats = args.repeats or (2 if args.quick else 3)
+    ratios = {m: run_case(m, repeats) for m in models}
     print("\n" + ", ".join(f"{m}: {r:.2f}" for m, r in ratios.items())
           + f"  (searched / best of grid, measured; {time.perf_counter() - start:.0f} s)")
 
