@@ -115,8 +115,9 @@ class _Clock:
         start = max([self.now, *(self.done.get(d, self.now) for d in deps)])
         end = start + cost.compute_s
         if self.contention and self.copying:
+            overlap = _covered(self.copying, start, end)  # before the copies stretch
             self._stretch(start, end)
-            end += self.contention * _covered(self.copying, start, end)
+            end += self.contention * overlap
         self.now = end
         return start, end
 
