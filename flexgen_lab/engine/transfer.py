@@ -77,16 +77,24 @@ class Links:
         return {link: sum(self._bytes[(p, link)] for p in phases) for link in LINKS}
 
 
+def io_pool(workers: int) -> ThreadPoolExecutor:
+    """I/O threads of one torch thread each: a host copy is memory-bound (two threads copy no
+    faster here), and a second one would take a core from compute's threads. torch's
+    set_num_threads in a new thread also sets the process's default, which a thread that has
+    not fixed its own count yet (the main thread before its first parallel op) would then
+    compute with: the caller's count is fixed first (measured: calibrate ran its operator
+    tables on one thread of two without it)."""
+    torch.set_num_threads(torch.get_num_threads())
+    return ThreadPoolExecutor(workers, thread_name_prefix="io",
+                              initializer=torch.set_num_threads, initargs=(1,))
+
+
 class Executor:
     """Runs I/O tasks: in a thread pool (overlap) or inline (no overlap), with dependencies."""
 
     def __init__(self, overlap: bool, num_threads: int = IO_THREADS,
                  trace: Callable[[dict], None] | None = None, origin: float | None = None):
-        # one torch thread per I/O worker: a host copy is memory-bound (two threads copy no
-        # faster here), and a second one would take a core from compute's threads
-        self.pool = (ThreadPoolExecutor(num_threads, thread_name_prefix="io",
-                                        initializer=torch.set_num_threads, initargs=(1,))
-                     if overlap else None)
+        self.pool = io_pool(num_threads) if overlap else None
         self.trace = trace
         self.origin = time.perf_counter() if origin is None else origin  # trace times from
 

@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 
 from flexgen_lab.config import user_config_dir
 from flexgen_lab.engine.disk import DiskFile, aligned_empty
+from flexgen_lab.engine.transfer import io_pool
 from flexgen_lab.hardware.op_table import OpTable, measure_table, shape_key
 
 GiB = 2**30
@@ -52,11 +53,11 @@ def _median_seconds(fn, repeats: int, sync) -> float:
 
 
 def io_thread() -> ThreadPoolExecutor:
-    """A worker like the engine's I/O threads (transfer.Executor): one torch thread, so a
-    copy does not take compute's cores. On a CPU it copies at about half the rate of the
-    main thread's two (measured: 11.7 against 19.2 GB/s for 512 MB), so links are timed on
-    it, as the engine uses them."""
-    return ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,))
+    """A worker like the engine's I/O threads (transfer.io_pool: one torch thread, so a copy
+    does not take compute's cores). On a CPU it copies at about half the rate of the main
+    thread's two (measured: 11.7 against 19.2 GB/s for 512 MB), so links are timed on it,
+    as the engine uses them."""
+    return io_pool(1)
 
 
 def _copy_rates(device: torch.device, nbytes: int, repeats: int, sync) -> dict[str, float]:
