@@ -235,8 +235,9 @@ with PeakRSS() as rss, torch.inference_mode():
     with Engine(spec, DummyWeights(spec, 0), policy, dtype=torch.bfloat16, tiers=tiers,
                 offload_dir=sys.argv[4]) as engine:
         engine.generate(ids, mask, 4)
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.memory_model import peak_bytes
-model = peak_bytes(spec, policy, 256, 4, 2)
+model = peak_bytes(Job(spec, policy, "zigzag", None, 256, 4, 2))
 print(tiers["gpu"].peak + tiers["cpu"].peak, rss.peak_bytes, int(model["gpu"] + model["cpu"]))
 """
 

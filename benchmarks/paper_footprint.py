@@ -10,6 +10,7 @@ for Table 2's FlexGen cells at the paper's shapes, split by kind, against t4-pap
 
 from __future__ import annotations
 
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.memory_model import peak_breakdown
 from flexgen_lab.reproduce import make_config
 from flexgen_lab.results import experiment
@@ -35,7 +36,8 @@ def main() -> None:
     for cell in cells:
         cfg = make_config(cell, scale)
         policy, spec = to_policy(cfg), model_spec(cfg)
-        parts = peak_breakdown(spec, policy, cfg.workload.prompt_len, cfg.workload.gen_len, 2)
+        parts = peak_breakdown(Job(spec, policy, cfg.schedule.name, None,
+                                   cfg.workload.prompt_len, cfg.workload.gen_len, 2))
         gpu = sum(parts[k]["gpu"] for k in KINDS)
         name = f"{cell.row[:34]} | {cell.column}"
         print(f"{name:58} {gpu / GB:6.2f}  "

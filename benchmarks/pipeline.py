@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from flexgen_lab.compose import compose_run_config, load_profile
 from flexgen_lab.models.spec import ModelSpec
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.pipeline import predict_pipeline
 from flexgen_lab.runner import to_policy
 from flexgen_lab.sim.pipeline import simulate_pipeline
@@ -47,8 +48,8 @@ def simulated_section() -> None:
     gen_one = None
     for stages, name in POLICIES.items():
         policy = to_policy(compose_run_config([f"policy={name}", "model=opt-30b"]))
-        args = (spec, policy, "zigzag", profile, 512, 32, 2, stages)
-        sim, pred = simulate_pipeline(*args), predict_pipeline(*args)
+        job = Job(spec, policy, "zigzag", profile, 512, 32, 2)
+        sim, pred = simulate_pipeline(job, stages), predict_pipeline(job, stages)
         decode = sim.num_prompts * 31 / sim.decode_s
         gen_one = gen_one or sim.generation_throughput
         paper_gen, paper_decode = PAPER[stages]
@@ -98,7 +99,8 @@ def _offloaded_share(budget: int) -> float | None:
         share = twentieths / 20
         policy = Policy(gpu_batch_size=m["block"][0], num_gpu_batches=m["block"][1],
                         weights=Placement(share, 1 - share))
-        if peak_bytes(spec, policy, m["prompt_len"], m["gen_len"], 4)["gpu"] <= budget:
+        if peak_bytes(Job(spec, policy, "zigzag", None, m["prompt_len"], m["gen_len"],
+                          4))["gpu"] <= budget:
             return share
     return None
 

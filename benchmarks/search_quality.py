@@ -35,6 +35,7 @@ from flexgen_lab.hardware import calibrate
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.search import search, solve
 from flexgen_lab.runner import device_name
 from flexgen_lab.workload import synthetic_prompts
@@ -94,8 +95,8 @@ def run_case(model: str, repeats: int) -> float:
           flush=True)
     grid = {}
     for gbs, ngb in SHAPES:
-        policy = solve(spec, Policy(gpu_batch_size=gbs, num_gpu_batches=ngb), "zigzag",
-                       profile, PROMPT_LEN, GEN_LEN, q)
+        policy = solve(Job(spec, Policy(gpu_batch_size=gbs, num_gpu_batches=ngb), "zigzag",
+                           profile, PROMPT_LEN, GEN_LEN, q))
         if policy is None:
             print(f"  grid {gbs:3d} x {ngb:<3d} no placement fits")
             continue

@@ -105,9 +105,8 @@ def measure(spec, policy, schedule, repeats: int) -> tuple[Observation, float]:
 
 def predictions(obs: Observation, profile: HardwareProfile) -> tuple[float, float]:
     """(cost model, simulator) generation throughput."""
-    args = (obs.spec, obs.policy, obs.schedule, profile, obs.prompt_len, obs.gen_len,
-            obs.dtype_bytes, obs.num_prompts)
-    return predict(*args).generation_throughput, simulate(*args).generation_throughput
+    job = obs.job(profile)
+    return predict(job).generation_throughput, simulate(job).generation_throughput
 
 
 TARGETS = {"calibrated": (15, 35), "fitted": (10, 25)}  # median, max |error| in %

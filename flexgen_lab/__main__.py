@@ -165,10 +165,11 @@ def _search_task(cfg) -> None:
                     f"{run_cfg.hardware.cpu_mem}, hardware.disk_mem={run_cfg.hardware.disk_mem},"
                     f" safety_factor {profile.safety_factor}); allowed: budgets that hold at "
                     "least one sequence, or a smaller model or workload", 2)
+    from flexgen_lab.planner.job import Job
     from flexgen_lab.sim.simulator import simulate
 
-    sim = simulate(spec, found.policy, found.schedule, profile, w.prompt_len, w.gen_len,
-                   dtype.itemsize)
+    sim = simulate(Job(spec, found.policy, found.schedule, profile, w.prompt_len, w.gen_len,
+                       dtype.itemsize))
     print(_search_summary(found, spec.name, profile.name, sim.generation_throughput))
 
 

@@ -166,7 +166,7 @@ def column_budgets(exp: Experiment, scale: Scale, cells: list[Cell]
     from flexgen_lab.checks import prepare
     from flexgen_lab.models.spec import ModelSpec
     from flexgen_lab.planner.memory_model import peak_bytes
-    from flexgen_lab.runner import to_policy
+    from flexgen_lab.runner import job_for
 
     profile = load_profile(scale.budgets.partition(":")[2] or "t4-paper")
     budgets: dict[str, dict[str, float]] = {}
@@ -178,8 +178,7 @@ def column_budgets(exp: Experiment, scale: Scale, cells: list[Cell]
             continue
         spec, _, dtype, _ = prepare(cfg)
         item = TORCH_DTYPES[dtype].itemsize
-        need = peak_bytes(spec, to_policy(cfg), cfg.workload.prompt_len, cfg.workload.gen_len,
-                          item)
+        need = peak_bytes(job_for(cfg, spec, dtype, profile))
         if cell.column not in budgets:
             paper = ModelSpec.from_name(exp.columns[cell.column]["paper_model"])
             ratio = spec.weight_bytes(item) / paper.weight_bytes(2)
@@ -198,6 +197,7 @@ def estimate_seconds(planned: list[Planned]) -> float:
     from flexgen_lab.hardware.profile import HardwareProfile
     from flexgen_lab.models.spec import ModelSpec
     from flexgen_lab.planner.cost_model import predict
+    from flexgen_lab.planner.job import Job
     from flexgen_lab.runner import to_policy
 
     total = 0.0
@@ -215,8 +215,8 @@ def estimate_seconds(planned: list[Planned]) -> float:
         profile = HardwareProfile.from_config(cfg.hardware)
         seconds = 5.0
         if spec and not profile.missing_speeds() and cfg.policy.name == "manual":
-            pred = predict(spec, policy, cfg.schedule.name, profile, w.prompt_len, w.gen_len,
-                           4)
+            pred = predict(Job(spec, policy, cfg.schedule.name, profile, w.prompt_len,
+                               w.gen_len, 4))
             seconds = pred.prefill_s + pred.decode_s
         total += runs * (3.0 + seconds)
     return total
@@ -343,14 +343,11 @@ def simulated_throughput(cfg: RunConfig, profile) -> float:
     """The simulator's token/s for cfg's policy and workload on `profile` (no capacity
     check: the caller says what the figure stands for)."""
     from flexgen_lab.checks import prepare
-    from flexgen_lab.runner import to_policy
+    from flexgen_lab.runner import job_for
     from flexgen_lab.sim.simulator import simulate
 
     spec, _, dtype, _ = prepare(cfg)
-    w, policy = cfg.workload, to_policy(cfg)
-    return simulate(spec, policy, cfg.schedule.name, profile, w.prompt_len, w.gen_len,
-                    TORCH_DTYPES[dtype].itemsize,
-                    w.num_prompts or policy.block_size).generation_throughput
+    return simulate(job_for(cfg, spec, dtype, profile)).generation_throughput
 
 
 def over_capacity(planned: list[Planned], store: ResultStore) -> dict[str, float]:

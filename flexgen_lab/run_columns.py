@@ -24,6 +24,7 @@ from flexgen_lab.engine.transfer import DEFAULT_IO_WORKERS, IO_THREADS
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import flexgen_original, predict
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.pipeline import (
     pipeline_prompts,
     predict_pipeline,
@@ -128,22 +129,28 @@ def run_profile(cfg: RunConfig, device: torch.device) -> HardwareProfile:
     return profile.replace(io_workers=io_workers(cfg, device))
 
 
+def job_for(cfg: RunConfig, spec: ModelSpec, dtype: str, profile: HardwareProfile,
+            num_prompts: int | None = None) -> Job:
+    """What the cost model, simulator and memory model are asked about for this run."""
+    w = cfg.workload
+    return Job(spec, to_policy(cfg), cfg.schedule.name, profile, w.prompt_len, w.gen_len,
+               TORCH_DTYPES[dtype].itemsize, num_prompts or w.num_prompts)
+
+
 def prediction_columns(cfg: RunConfig, spec: ModelSpec, dtype: str,
                        device: torch.device) -> dict:
     """The cost model's prediction for this run, when the hardware profile has speeds."""
     profile = run_profile(cfg, device)
     if profile.missing_speeds():
         return {}
-    policy, w = to_policy(cfg), cfg.workload
+    job = job_for(cfg, spec, dtype, profile)
     if cfg.cost_model.variant == "flexgen-original":  # one block, as the original modelled
-        pred = flexgen_original(spec, policy, profile, w.prompt_len, w.gen_len)
+        pred = flexgen_original(job)
     elif cfg.distributed.name == "pipeline":
-        pred = predict_pipeline(spec, policy, cfg.schedule.name, profile, w.prompt_len,
-                                w.gen_len, TORCH_DTYPES[dtype].itemsize, cfg.distributed.stages,
-                                cfg.distributed.micro_blocks, run_prompts(cfg))
+        pred = predict_pipeline(job.replace(num_prompts=run_prompts(cfg)),
+                                cfg.distributed.stages, cfg.distributed.micro_blocks)
     else:
-        pred = predict(spec, policy, cfg.schedule.name, profile, w.prompt_len, w.gen_len,
-                       TORCH_DTYPES[dtype].itemsize, w.num_prompts or policy.block_size)
+        pred = predict(job)
     return {"predicted_generation_throughput": pred.generation_throughput,
             "predicted_prefill_s": pred.prefill_s, "predicted_decode_s": pred.decode_s}
 

@@ -39,6 +39,7 @@ from flexgen_lab.run_columns import (
     engine_columns,
     git_commit,
     io_workers,
+    job_for,
     metrics,
     prediction_columns,
     requested_hash,
@@ -213,11 +214,9 @@ def _simulated(cfg: RunConfig, spec: ModelSpec, dtype: str, store: ResultStore, 
 
     if cfg.distributed.name == "pipeline":
         return _simulated_pipeline(cfg, spec, dtype, store, row)
-    policy, w = to_policy(cfg), cfg.workload
-    q = TORCH_DTYPES[dtype].itemsize
-    num_prompts = w.num_prompts or policy.block_size
-    profile = run_profile(cfg, SIMULATED)
-    peaks = peak_bytes(spec, policy, w.prompt_len, w.gen_len, q, profile.workers())
+    w, profile = cfg.workload, run_profile(cfg, SIMULATED)
+    job = job_for(cfg, spec, dtype, profile)
+    peaks = peak_bytes(job, profile.workers())
     row |= {f"peak_{tier}_bytes": int(n) for tier, n in peaks.items()}
     over = [f"{tier} tier: modelled peak {int(n)} bytes > capacity {row[f'{tier}_budget_bytes']}"
             for tier, n in peaks.items() if n > row[f"{tier}_budget_bytes"]]
@@ -225,13 +224,12 @@ def _simulated(cfg: RunConfig, spec: ModelSpec, dtype: str, store: ResultStore, 
         message = "BudgetExceeded (simulated): " + "; ".join(over)
         run_id = store.record_run({**row, "status": "oom", "error": message})
         raise RunFailed(message, run_id, "oom")
-    sim = simulate(spec, policy, cfg.schedule.name, profile, w.prompt_len, w.gen_len, q,
-                   num_prompts)
+    sim = simulate(job)
     if tracer is not None:
         tracer.device = "simulated"
         for record in sim.trace:
             tracer.on_op(record)
-    row |= {"status": "ok", **metrics(sim, num_prompts, w.prompt_len, w.gen_len),
+    row |= {"status": "ok", **metrics(sim, job.prompts, w.prompt_len, w.gen_len),
             **{f"bytes_{link}": sim.link_bytes["prefill"][link] + sim.link_bytes["decode"][link]
                for link in sim.link_bytes["prefill"]},
             "link_bytes_json": json.dumps(sim.link_bytes)}
@@ -246,10 +244,8 @@ def _simulated_pipeline(cfg: RunConfig, spec: ModelSpec, dtype: str, store: Resu
     from flexgen_lab.sim import pipeline
 
     w, d = cfg.workload, cfg.distributed
-    sim = pipeline.simulate_pipeline(spec, to_policy(cfg), cfg.schedule.name,
-                                     run_profile(cfg, SIMULATED), w.prompt_len, w.gen_len,
-                                     TORCH_DTYPES[dtype].itemsize, d.stages, d.micro_blocks,
-                                     run_prompts(cfg))
+    job = job_for(cfg, spec, dtype, run_profile(cfg, SIMULATED), run_prompts(cfg))
+    sim = pipeline.simulate_pipeline(job, d.stages, d.micro_blocks)
     over = pipeline.over_capacity(sim, {t: row[f"{t}_budget_bytes"] for t in TIERS})
     row |= pipeline.run_columns(sim) | (
         {"status": "oom", "error": "BudgetExceeded (simulated): " + "; ".join(over)} if over
@@ -325,5 +321,5 @@ OFFLOADING_BASELINES = {"accelerate": _accelerate, "deepspeed": _deepspeed,
 # run_columns' names stay importable from here, where callers have always found them
 __all__ = ["run", "prepare", "RunResult", "RunFailed", "NotBuiltError", "model_spec",
            "config_columns", "config_hash", "device_name", "engine_columns", "git_commit",
-           "io_workers", "metrics", "prediction_columns", "requested_hash", "run_profile",
-           "run_prompts", "to_policy"]
+           "io_workers", "job_for", "metrics", "prediction_columns", "requested_hash",
+           "run_profile", "run_prompts", "to_policy"]

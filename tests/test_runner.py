@@ -12,6 +12,7 @@ from flexgen_lab.config import ConfigError, RunConfig
 from flexgen_lab.engine.engine import Callbacks
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.memory_model import peak_bytes
 from flexgen_lab.planner.search import search
 from flexgen_lab.results.store import ResultStore
@@ -175,7 +176,7 @@ def test_policy_search_runs_the_searched_policy_and_keeps_the_requested_hash(tmp
         setattr(cfg.hardware, key, rate)
     cfg.hardware.gpu_mem = "0.9MiB"  # the requested block of 3 x 2, resident, needs more
     spec, budget = ModelSpec.from_name("opt-tiny"), 0.9 * 2**20
-    assert peak_bytes(spec, to_policy(cfg), 16, 8, 4)["gpu"] > budget
+    assert peak_bytes(Job(spec, to_policy(cfg), "zigzag", None, 16, 8, 4))["gpu"] > budget
     cfg.engine.offload_dir = str(tmp_path / "offload")
     asked = config_hash(cfg, "float32", "cpu")
     result = run(cfg)

@@ -26,7 +26,8 @@ from flexgen_lab.hardware.op_table import OpTable
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import loaded_shapes
-from flexgen_lab.planner.traffic import WHOLE_MODEL, WINDOWS, Ends, window_bytes
+from flexgen_lab.planner.job import Job
+from flexgen_lab.planner.traffic import WINDOWS, window_bytes
 
 VARIANTS = ("flexgen_lab", "flexgen-original")
 
@@ -183,26 +184,25 @@ def delegated_rows(policy: Policy) -> float:
 TERMS = ("matmul", "attention", "cpu_attention", "dequant", "overhead", "contention")
 
 
-def window_compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile,
-                           prompt_len: int, gen_len: int, num_prompts: int,
-                           dtype_bytes: int = 2, schedule: str = "zigzag",
-                           ends: Ends = WHOLE_MODEL) -> dict[str, dict[str, dict[str, float]]]:
+def window_compute_seconds(job: Job) -> dict[str, dict[str, dict[str, float]]]:
     """Compute time per phase, window (traffic.WINDOWS) and term: every step of the grid,
     summed (step_seconds); decoder layers 1..L-1 are the "layer" window, layer L "last".
     Compressed weights are dequantised once per block per (token, part) in zig-zag, once per
     GPU batch in row-by-row, as the engine does."""
-    batches = num_prompts // policy.gpu_batch_size
-    dequantising = num_prompts // policy.block_size if schedule == "zigzag" else batches
+    spec, policy, s, n = job.spec, job.policy, job.prompt_len, job.gen_len
+    batches = job.prompts // policy.gpu_batch_size
+    dequantising = job.blocks if job.schedule == "zigzag" else batches
     b = policy.gpu_batch_size
-    phases = {"prefill": (1, prompt_len, prompt_len, 0.0),  # (token steps, t, keys, cpu rows)
-              "decode": (gen_len - 1, 1, prompt_len + gen_len / 2, delegated_rows(policy))}
-    windows = (("embed", "embed", int(ends[0])), ("layer", "layer", spec.num_layers - 1),
-               ("last", "layer", 1), ("head", "head", int(ends[1])))  # a stage's ends
+    phases = {"prefill": (1, s, s, 0.0),  # (token steps, t, keys, cpu rows)
+              "decode": (n - 1, 1, s + n / 2, delegated_rows(policy))}
+    windows = (("embed", "embed", int(job.ends[0])), ("layer", "layer", spec.num_layers - 1),
+               ("last", "layer", 1), ("head", "head", int(job.ends[1])))  # a stage's ends
     out = {}
     for phase, (token_steps, t, keys, cpu_rows) in phases.items():
         out[phase] = {}
         for window, part, count in windows:
-            args = (spec, policy, profile, part, b, t, keys, cpu_rows, phase, dtype_bytes)
+            args = (spec, policy, job.profile, part, b, t, keys, cpu_rows, phase,
+                    job.dtype_bytes)
             first, rest = step_seconds(*args), step_seconds(*args, dequant_weights=False)
             out[phase][window] = {
                 term: token_steps * count * (dequantising * first[term]
@@ -211,10 +211,8 @@ def window_compute_seconds(spec: ModelSpec, policy: Policy, profile: HardwarePro
     return out
 
 
-def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile,
-            prompt_len: int, gen_len: int, dtype_bytes: int = 2,
-            num_prompts: int | None = None, ends: Ends = WHOLE_MODEL) -> Prediction:
-    """Prefill and decode seconds of num_prompts prompts (one block by default).
+def predict(job: Job) -> Prediction:
+    """Prefill and decode seconds of the job's prompts (one block by default).
 
     With overlap a phase takes, window by window (traffic.window_bytes: the next part's
     weights load while a part computes; a link's time is its bytes over its bandwidth plus
@@ -229,18 +227,14 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
     copy_w = max(link_w,1 .. link_w,4, sum(link_w) / workers): the second line is what
     copies and compute running side by side cost each other (0 on a GPU; about 1 on a CPU,
     whose copies and compute share cores and memory, measured by calibrate).
-    Without overlap it is the sum of everything. A pipeline stage passes a spec with its
+    Without overlap it is the sum of everything. A pipeline stage's job has a spec with its
     own decoder layers and `ends` (traffic.window_bytes; planner/pipeline.py)."""
+    profile, policy = job.profile, job.policy
     profile.require_speeds()
-    num_prompts = num_prompts or policy.block_size
-    blocks = num_prompts // policy.block_size
-    args = (spec, policy, schedule, prompt_len, gen_len, dtype_bytes, blocks)
-    others = window_bytes(*args, kinds=("weights", "cache"), ends=ends)
-    hidden = window_bytes(*args, kinds=("activations",), ends=ends)
-    compute = window_compute_seconds(spec, policy, profile, prompt_len, gen_len, num_prompts,
-                                     dtype_bytes, schedule, ends)
-    latency = copy_latency_seconds(spec, policy, schedule, profile, prompt_len, gen_len,
-                                   dtype_bytes, blocks, ends)
+    others = window_bytes(job, kinds=("weights", "cache"))
+    hidden = window_bytes(job, kinds=("activations",))
+    compute = window_compute_seconds(job)
+    latency = copy_latency_seconds(job)
     times, terms = {}, {}
     for phase in ("prefill", "decode"):
         times[phase], terms[phase] = 0.0, dict.fromkeys((*LINKS, *TERMS), 0.0)
@@ -258,23 +252,19 @@ def predict(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwarePro
             copying = max(*io.values(), sum(io.values()) / profile.workers())
             contention = profile.overlap_contention * min(copying, work)
             terms[phase]["contention"] += contention
-            times[phase] += max(copying, (work + round_trip) / interleaved(policy, schedule),
+            times[phase] += max(copying, (work + round_trip) / interleaved(policy, job.schedule),
                                 work) + contention
-    return Prediction(times["prefill"], times["decode"], num_prompts, gen_len, terms)
+    return Prediction(times["prefill"], times["decode"], job.prompts, job.gen_len, terms)
 
 
-def copy_latency_seconds(spec: ModelSpec, policy: Policy, schedule: str,
-                         profile: HardwareProfile, prompt_len: int, gen_len: int,
-                         dtype_bytes: int, blocks: int, ends: Ends = WHOLE_MODEL
-                         ) -> dict[str, dict[str, dict]]:
+def copy_latency_seconds(job: Job) -> dict[str, dict[str, dict]]:
     """Seconds the copies of each window cost beyond bytes / bandwidth: copies per link
     (traffic.window_bytes with requests=True) x the profile's per-copy latency."""
-    if not profile.io_latency_s:
+    if not job.profile.io_latency_s:
         return {phase: {w: dict.fromkeys(LINKS, 0.0) for w in WINDOWS}
                 for phase in ("prefill", "decode")}
-    copies = window_bytes(spec, policy, schedule, prompt_len, gen_len, dtype_bytes, blocks,
-                          requests=True, ends=ends)
-    return {phase: {w: {link: n * profile.latency(link) for link, n in links.items()}
+    copies = window_bytes(job, requests=True)
+    return {phase: {w: {link: n * job.profile.latency(link) for link, n in links.items()}
                     for w, links in windows.items()} for phase, windows in copies.items()}
 
 
@@ -346,14 +336,14 @@ def decode_terms(spec, p: Policy, hw: HardwareProfile, s: int, n: int) -> dict[s
     }
 
 
-def flexgen_original(spec: ModelSpec, policy: Policy, profile: HardwareProfile, prompt_len: int,
-                     gen_len: int) -> Prediction:
+def flexgen_original(job: Job) -> Prediction:
     """The original's time for one block: Tpre >= ctogp + dtocp, gtocp + ctodp, compp;
     Tgen >= ctogg + each of gtocg, dtocg, ctodg, compg (its read chain is serial, and CPU->GPU
     is outside the max in decode); T = Tpre l + Tgen (n - 1) l."""
+    spec, policy, profile, gen_len = job.spec, job.policy, job.profile, job.gen_len
     profile.require_speeds()
-    pre = prefill_terms(spec, policy, profile, prompt_len)
-    gen = decode_terms(spec, policy, profile, prompt_len, gen_len)
+    pre = prefill_terms(spec, policy, profile, job.prompt_len)
+    gen = decode_terms(spec, policy, profile, job.prompt_len, gen_len)
     t_pre = max(pre["ctog"] + pre["dtoc"], pre["gtoc"] + pre["ctod"], pre["comp"])
     t_gen = gen["ctog"] + max(gen["gtoc"], gen["dtoc"], gen["ctod"], gen["comp"])
     layers = spec.num_layers

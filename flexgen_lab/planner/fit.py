@@ -30,6 +30,7 @@ from flexgen_lab.hardware.op_table import DEQUANT_OPS
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import predict
+from flexgen_lab.planner.job import Job
 from flexgen_lab.units import TORCH_DTYPES
 
 # fitted factor -> the profile fields it scales together
@@ -73,6 +74,10 @@ class Observation:
     def throughput(self) -> float:
         return self.num_prompts * self.gen_len / (self.prefill_s + self.decode_s)
 
+    def job(self, profile: HardwareProfile) -> Job:
+        return Job(self.spec, self.policy, self.schedule, profile, self.prompt_len,
+                   self.gen_len, self.dtype_bytes, self.num_prompts)
+
 
 @dataclass
 class FitReport:
@@ -87,8 +92,7 @@ class FitReport:
 
 
 def predicted_phases(profile: HardwareProfile, obs: Observation) -> tuple[float, float]:
-    pred = predict(obs.spec, obs.policy, obs.schedule, profile, obs.prompt_len, obs.gen_len,
-                   obs.dtype_bytes, obs.num_prompts)
+    pred = predict(obs.job(profile))
     return pred.prefill_s, pred.decode_s
 
 

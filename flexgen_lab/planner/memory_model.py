@@ -28,6 +28,7 @@ from flexgen_lab.engine.weight_homes import slot_layout, stored_forms
 from flexgen_lab.engine.workspace import step_workspace_bytes
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import loaded_shapes, part_shapes
+from flexgen_lab.planner.job import Job
 from flexgen_lab.units import FLOAT_OF_SIZE as DTYPES
 from flexgen_lab.units import ceil_div, round_up
 
@@ -71,14 +72,14 @@ def part_bytes(spec: ModelSpec, part: str, dtype, config) -> tuple[int, int]:
     return sum(sizes), max(sizes)
 
 
-def memory_terms(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
-                 dtype_bytes: int, offloaded_weights: bool = True,
-                 offloaded_cache: bool = True, offloaded_acts: bool = True,
-                 disk: bool = True, io_workers: int = IO_THREADS) -> dict[str, Linear]:
+def memory_terms(job: Job, offloaded_weights: bool = True, offloaded_cache: bool = True,
+                 offloaded_acts: bool = True, disk: bool = True,
+                 io_workers: int = IO_THREADS) -> dict[str, Linear]:
     """Peak bytes per tier, linear in the placement fractions (the LP's view; peak_bytes is
     the exact figure of one concrete policy); offloaded_* say whether that kind may leave the
     gpu tier (slots and staging exist only then), `disk` whether it may go to disk."""
-    dtype = DTYPES[dtype_bytes]
+    spec, policy, prompt_len, gen_len = job.spec, job.policy, job.prompt_len, job.gen_len
+    dtype = DTYPES[job.dtype_bytes]
     out = {tier: Linear() for tier in ("gpu", "cpu", "disk")}
     _weights(out, spec, policy, dtype, offloaded_weights)
     _cache(out, spec, policy, prompt_len + gen_len - 1, dtype, offloaded_cache)
@@ -93,12 +94,11 @@ def memory_terms(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
     return out
 
 
-def placing_terms(spec: ModelSpec, policy: Policy, dtype_bytes: int,
-                  offloaded: bool = True, io_workers: int = IO_THREADS) -> Linear:
+def placing_terms(job: Job, offloaded: bool = True, io_workers: int = IO_THREADS) -> Linear:
     """cpu bytes while weights are placed, linear: the cpu homes of every part (wc x total,
     an upper bound of the homes filled so far) plus the source's copy of the largest part,
     and the bounce buffers when weights may go to disk (`offloaded`)."""
-    dtype = DTYPES[dtype_bytes]
+    spec, policy, dtype = job.spec, job.policy, DTYPES[job.dtype_bytes]
     homes, term = Linear(), Linear()
     _weights({"gpu": Linear(), "cpu": homes, "disk": Linear()}, spec, policy, dtype, False)
     term.coef["wc"] = homes.coef.get("wc", 0.0)
@@ -176,8 +176,7 @@ def _activations(out, spec, policy, prompt_len, dtype, offloaded) -> None:
         out["cpu"].add("hd", 3 * batch)  # store bounce and two load bounces
 
 
-def peak_bytes(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
-               dtype_bytes: int, io_workers: int = IO_THREADS) -> dict[str, float]:
+def peak_bytes(job: Job, io_workers: int = IO_THREADS) -> dict[str, float]:
     """Tier -> the peak bytes the engine accounts for this concrete policy, item by item as
     the engine makes them: homes split as placement.py splits them (disk cache files rounded
     to 4 KiB per array), compute-side slots and cpu stages of offloaded weights, cache staging,
@@ -185,7 +184,7 @@ def peak_bytes(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
     and the largest step's intermediates. Everything but the intermediates is made before
     generating, so the peak is their sum plus the widest step (on the cpu tier, or the peak
     while placing the weights, if that is higher)."""
-    parts = peak_breakdown(spec, policy, prompt_len, gen_len, dtype_bytes, io_workers)
+    parts = peak_breakdown(job, io_workers)
     total: Counter = Counter()
     for kind in ("weights", "cache", "activations", "step"):
         total.update(parts[kind])
@@ -193,13 +192,13 @@ def peak_bytes(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
     return {tier: float(total[tier]) for tier in ("gpu", "cpu", "disk")}
 
 
-def peak_breakdown(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
-                   dtype_bytes: int, io_workers: int = IO_THREADS) -> dict[str, Counter]:
+def peak_breakdown(job: Job, io_workers: int = IO_THREADS) -> dict[str, Counter]:
     """peak_bytes by kind: weights, cache, activations (homes and buffers), the widest step's
     intermediates (gpu), the peak while placing weights (cpu, with the bounce buffers weight
     requests need) and the disk tier's bounce buffers while a block runs (cpu), each tier ->
     bytes."""
-    dtype = DTYPES[dtype_bytes]
+    spec, policy, prompt_len, gen_len = job.spec, job.policy, job.prompt_len, job.gen_len
+    dtype = DTYPES[job.dtype_bytes]
     return {"weights": _weight_items(spec, policy, dtype),
             "cache": _cache_items(spec, policy, prompt_len, gen_len, dtype),
             "activations": _activation_items(spec, policy, prompt_len, dtype),

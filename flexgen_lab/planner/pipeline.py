@@ -20,7 +20,7 @@ where rounds = prompts / (M x block). sim/pipeline.py times the same thing event
 (each stage's op stream, each message in its link's queue); tests hold the two within 10 %.
 One stage is the single-machine engine: `predict` itself, exactly.
 
-    >>> pred = predict_pipeline(spec, policy, "zigzag", profile, 512, 32, stages=4)
+    >>> pred = predict_pipeline(Job(spec, policy, "zigzag", profile, 512, 32), stages=4)
     >>> pred.generation_throughput
 """
 
@@ -30,12 +30,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from flexgen_lab.engine.policy import Policy
-from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.pipeline.stages import micro_blocks as blocks_in_flight
 from flexgen_lab.pipeline.stages import stage_layers
 from flexgen_lab.planner.cost_model import Prediction, predict
-from flexgen_lab.planner.traffic import Ends
+from flexgen_lab.planner.job import Ends, Job
 
 TOKEN_ID_BYTES = 8  # int64 token ids, as torch makes them
 
@@ -53,13 +52,12 @@ def heaviest_stage(spec: ModelSpec, stages: int) -> int:
     return max(range(stages), key=lambda s: len(stage_layers(spec.num_layers, stages, s)))
 
 
-def message_bytes(spec: ModelSpec, policy: Policy, prompt_len: int, dtype_bytes: int
-                  ) -> dict[str, int]:
+def message_bytes(job: Job) -> dict[str, int]:
     """Bytes of one micro-block's messages: activations in prefill (block x s x h x q) and in
     decode (block x h x q), and the token ids the last stage sends back to stage 0."""
-    block = policy.block_size
-    return {"prefill": block * prompt_len * spec.hidden * dtype_bytes,
-            "decode": block * spec.hidden * dtype_bytes, "ids": block * TOKEN_ID_BYTES}
+    block, h, q = job.policy.block_size, job.spec.hidden, job.dtype_bytes
+    return {"prefill": block * job.prompt_len * h * q, "decode": block * h * q,
+            "ids": block * TOKEN_ID_BYTES}
 
 
 def pipeline_prompts(policy: Policy, stages: int, micro_blocks: int | None,
@@ -88,22 +86,20 @@ class PipelinePrediction:
         return self.num_prompts * self.gen_len / (self.prefill_s + self.decode_s)
 
 
-def predict_pipeline(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile,
-                     prompt_len: int, gen_len: int, dtype_bytes: int = 2, stages: int = 1,
-                     micro_blocks: int | None = None, num_prompts: int | None = None
+def predict_pipeline(job: Job, stages: int = 1, micro_blocks: int | None = None
                      ) -> PipelinePrediction | Prediction:
-    """Prefill and decode seconds of the pipeline (the module's formulas)."""
+    """Prefill and decode seconds of the pipeline (the module's formulas); the job's
+    num_prompts null means micro_blocks x block."""
+    policy, profile, gen_len = job.policy, job.profile, job.gen_len
     m = blocks_in_flight(stages, micro_blocks)
-    num_prompts = pipeline_prompts(policy, stages, micro_blocks, num_prompts)
+    job = job.replace(num_prompts=pipeline_prompts(policy, stages, micro_blocks,
+                                                   job.num_prompts))
     if stages == 1:  # one machine: the engine's own prediction, exactly
-        return predict(spec, policy, schedule, profile, prompt_len, gen_len, dtype_bytes,
-                       num_prompts)
+        return predict(job)
     profile.require_network()
-    check_schedule(schedule)
-    per_stage = [predict_stage(spec, stages, s, policy, schedule, profile, prompt_len,
-                               gen_len, dtype_bytes) for s in range(stages)]
-    hop = {k: profile.network_seconds(n)
-           for k, n in message_bytes(spec, policy, prompt_len, dtype_bytes).items()}
+    check_schedule(job.schedule)
+    per_stage = [predict_stage(job, stages, s) for s in range(stages)]
+    hop = {k: profile.network_seconds(n) for k, n in message_bytes(job).items()}
     fill_s = (sum(p.prefill_s for p in per_stage) + (stages - 1) * hop["prefill"]
               + (m - 1) * max(max(p.prefill_s for p in per_stage), hop["prefill"]))
     decode_s = 0.0
@@ -111,15 +107,12 @@ def predict_pipeline(spec: ModelSpec, policy: Policy, schedule: str, profile: Ha
         steps = [p.decode_s / (gen_len - 1) for p in per_stage]
         ring = sum(steps) + (stages - 1) * hop["decode"] + hop["ids"]
         decode_s = (gen_len - 1) * max(ring, m * max(*steps, hop["decode"], hop["ids"]))
-    rounds = num_prompts // (m * policy.block_size)
-    return PipelinePrediction(rounds * fill_s, rounds * decode_s, num_prompts, gen_len,
+    rounds = job.prompts // (m * policy.block_size)
+    return PipelinePrediction(rounds * fill_s, rounds * decode_s, job.prompts, gen_len,
                               per_stage)
 
 
-def predict_stage(spec: ModelSpec, stages: int, stage: int, policy: Policy, schedule: str,
-                  profile: HardwareProfile, prompt_len: int, gen_len: int,
-                  dtype_bytes: int = 2) -> Prediction:
+def predict_stage(job: Job, stages: int, stage: int) -> Prediction:
     """One stage's prefill and decode seconds for one block, on its own machine."""
-    own, ends = stage_spec(spec, stages, stage)
-    return predict(own, policy, schedule, profile, prompt_len, gen_len, dtype_bytes,
-                   ends=ends)
+    own, ends = stage_spec(job.spec, stages, stage)
+    return predict(job.replace(spec=own, ends=ends, num_prompts=None))

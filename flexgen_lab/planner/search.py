@@ -29,6 +29,7 @@ from flexgen_lab.planner.cost_model import (
     predict,
     window_compute_seconds,
 )
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.memory_model import VARIABLES, memory_terms, peak_bytes, placing_terms
 from flexgen_lab.planner.traffic import WINDOWS, window_bytes
 
@@ -56,16 +57,17 @@ def _with(policy: Policy, kind: str, tier: str) -> Policy:
     return dataclasses.replace(policy, **{kind: place})
 
 
-def link_coefficients(spec, policy, schedule, s, n, q) -> dict:
+def link_coefficients(job: Job) -> dict:
     """(phase, window, link) -> {variable: bytes moved when that fraction is 1} (baseline
-    all-gpu)."""
-    resident = dataclasses.replace(policy, weights=Placement(), cache=Placement(),
+    all-gpu), for one block of the job's policy."""
+    resident = dataclasses.replace(job.policy, weights=Placement(), cache=Placement(),
                                    activations=Placement())
-    base = window_bytes(spec, resident, schedule, s, n, q)
+    job = job.replace(policy=resident, num_prompts=None)
+    base = window_bytes(job)
     coef: dict = {}
     for kind, prefix in KINDS.items():
         for tier in ("cpu", "disk"):
-            moved = window_bytes(spec, _with(resident, kind, tier), schedule, s, n, q)
+            moved = window_bytes(job.with_policy(_with(resident, kind, tier)))
             for phase, windows in moved.items():
                 for window, links in windows.items():
                     for link, nbytes in links.items():
@@ -89,9 +91,9 @@ def homes(policy: Policy, micro_blocks: int) -> Policy:
     return dataclasses.replace(policy, num_gpu_batches=policy.num_gpu_batches * micro_blocks)
 
 
-def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile, s: int,
-          n: int, q: int, micro_blocks: int = 1) -> Policy | None:
-    """The best placement for a fixed (gbs, ngb, delegation, compression); None if none fits.
+def solve(job: Job, micro_blocks: int = 1) -> Policy | None:
+    """The best placement for the job's fixed (gbs, ngb, delegation, compression) on its
+    profile's capacities (one block); None if none fits.
 
     The general LP keeps room for the slots and staging of every kind of tensor it may
     offload; a kind left wholly on the gpu tier needs none, so when the general answer keeps
@@ -99,11 +101,12 @@ def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfi
     and the all-resident policy is a candidate of its own. The fastest by the cost model wins.
     micro_blocks > 1 (a pipeline stage): memory holds that many blocks' homes (homes()).
     """
+    profile, policy = job.profile, job.policy
+    job = job.replace(num_prompts=None)
     limit = {tier: capacity * profile.safety_factor
              for tier, capacity in (("gpu", profile.gpu_mem), ("cpu", profile.cpu_mem),
                                     ("disk", profile.disk_mem))}
-    fit = functools.partial(_fit, spec, policy, schedule, profile, s, n, q, limit,
-                            micro_blocks=micro_blocks)
+    fit = functools.partial(_fit, job, limit, micro_blocks=micro_blocks)
     general = fit(())
     if general is None:  # without disk there are no bounce buffers to hold on the cpu tier
         general = fit((), disk=False)
@@ -112,34 +115,33 @@ def solve(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfi
         candidates.append(fit(("weights",)))
     resident = dataclasses.replace(policy, weights=RESIDENT, cache=RESIDENT,
                                    activations=RESIDENT)
-    if _fits(spec, homes(resident, micro_blocks), s, n, q, limit, profile.workers()):
+    if _fits(job.with_policy(homes(resident, micro_blocks)), limit):
         candidates.append(resident)
     candidates = [c for c in candidates if c is not None]
     if not candidates:
         return None
-    return max(candidates, key=lambda c: predict(spec, c, schedule, profile, s, n,
-                                                 q).generation_throughput)
+    return max(candidates,
+               key=lambda c: predict(job.with_policy(c)).generation_throughput)
 
 
-def _fits(spec, policy, s, n, q, limit, workers) -> bool:
+def _fits(job: Job, limit: dict[str, float]) -> bool:
     return all(peak <= limit[tier]
-               for tier, peak in peak_bytes(spec, policy, s, n, q, workers).items())
+               for tier, peak in peak_bytes(job, job.profile.workers()).items())
 
 
-def _fit(spec, policy, schedule, profile, s, n, q, limit, pinned,
-         disk: bool = True, micro_blocks: int = 1) -> Policy | None:
+def _fit(job: Job, limit: dict[str, float], pinned: tuple[str, ...], disk: bool = True,
+         micro_blocks: int = 1) -> Policy | None:
     """The LP's answer, checked against the exact peak (memory_model.peak_bytes): the LP sees
     memory linearly (a share x of b sequences), the engine rounds to whole sequences, rows and
     disk blocks, so a tier the answer overshoots is tightened and solved again."""
     lp_limit = dict(limit)
     for _ in range(FIT_ATTEMPTS):
-        found = _solve_lp(spec, policy, schedule, profile, s, n, q, lp_limit, pinned, disk,
-                          micro_blocks)
+        found = _solve_lp(job, lp_limit, pinned, disk, micro_blocks)
         if found is None:
             return None
         over = {tier: peak - limit[tier] for tier, peak in
-                peak_bytes(spec, homes(found, micro_blocks), s, n, q,
-                           profile.workers()).items()
+                peak_bytes(job.with_policy(homes(found, micro_blocks)),
+                           job.profile.workers()).items()
                 if peak > limit[tier]}
         if not over:
             return found
@@ -149,14 +151,17 @@ def _fit(spec, policy, schedule, profile, s, n, q, limit, pinned,
     return None
 
 
-def _solve_lp(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareProfile, s: int,
-              n: int, q: int, limit: dict[str, float], pinned: tuple[str, ...],
-              disk: bool = True, micro_blocks: int = 1) -> Policy | None:
+def _solve_lp(job: Job, limit: dict[str, float], pinned: tuple[str, ...], disk: bool = True,
+              micro_blocks: int = 1) -> Policy | None:
     """Minimises prefill + decode time, each the sum over windows of T_w >= every link term
     and the compute of window w (overlap), or the sum of all terms (no overlap): the cost
     model's predict, written as a linear program; memory per tier at most `limit` bytes;
     the kinds in `pinned` stay wholly on the gpu tier (and need no offloading buffers);
-    without `disk` nothing goes to the disk tier (and no bounce buffers are held)."""
+    without `disk` nothing goes to the disk tier (and no bounce buffers are held).
+    Contention (profile.overlap_contention, clipped to 1 here: beyond it the term is not
+    convex) enters as T_w >= copy_i + c x compute and compute + c x copy_i, which is
+    max(copy, compute) + c x min(copy, compute) for c <= 1; predict ranks the answers."""
+    policy, profile, schedule = job.policy, job.profile, job.schedule
     prob = pulp.LpProblem("placement", pulp.LpMinimize)
     x = {v: pulp.LpVariable(v, 0, 1) for v in VARIABLES}
     for kind, prefix in KINDS.items():
@@ -166,14 +171,14 @@ def _solve_lp(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareP
         if not disk:
             prob += x[f"{prefix}d"] == 0
     offloaded = [kind not in pinned for kind in KINDS]
-    held = homes(policy, micro_blocks)
-    memory = memory_terms(spec, held, s, n, q, *offloaded, disk=disk,
-                          io_workers=profile.workers())
-    placing = placing_terms(spec, held, q, disk and offloaded[0], profile.workers())
+    held = job.with_policy(homes(policy, micro_blocks))
+    memory = memory_terms(held, *offloaded, disk=disk, io_workers=profile.workers())
+    placing = placing_terms(held, disk and offloaded[0], profile.workers())
     for tier, term in [*memory.items(), ("cpu", placing)]:
         prob += term.const + pulp.lpSum(c * x[v] for v, c in term.coef.items()) <= limit[tier]
-    coef = link_coefficients(spec, policy, schedule, s, n, q)
-    compute = _compute_exprs(spec, policy, profile, s, n, q, x, schedule)
+    coef = link_coefficients(job)
+    compute = _compute_exprs(job, x)
+    contention = min(1.0, profile.overlap_contention)
     total = []
     for phase in ("prefill", "decode"):
         for window in WINDOWS:
@@ -187,9 +192,11 @@ def _solve_lp(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareP
                                     for v, c in per.items() if v.startswith("h"))
             work = compute[(phase, window)]
             if policy.overlap:  # as predict: links, I/O workers, activation chain, compute
-                for term in (*links, pulp.lpSum(links) / profile.workers(),
-                             (work + round_trip) / interleaved(policy, schedule), work):
-                    prob += t >= term
+                copying = (*links, pulp.lpSum(links) / profile.workers())
+                prob += t >= (work + round_trip) / interleaved(policy, schedule)
+                for term in copying:
+                    prob += t >= term + contention * work
+                    prob += t >= work + contention * term
             else:
                 prob += t >= pulp.lpSum(links) + work
     prob += pulp.lpSum(total)
@@ -203,14 +210,12 @@ def _solve_lp(spec: ModelSpec, policy: Policy, schedule: str, profile: HardwareP
         activations=Placement(v["hg"], min(v["hc"], 1 - v["hg"])))
 
 
-def _compute_exprs(spec, policy, profile, s: int, n: int, q: int, x: dict,
-                   schedule: str) -> dict:
-    """(phase, window) -> compute seconds; with delegation, decode attention splits by where
-    the cache is (gpu share on the GPU, the rest on the CPU)."""
-    on_gpu = window_compute_seconds(spec, _with(policy, "cache", "gpu"), profile, s, n,
-                                    policy.block_size, q, schedule)
-    on_cpu = window_compute_seconds(spec, _with(policy, "cache", "cpu"), profile, s, n,
-                                    policy.block_size, q, schedule)
+def _compute_exprs(job: Job, x: dict) -> dict:
+    """(phase, window) -> compute seconds of one block; with delegation, decode attention
+    splits by where the cache is (gpu share on the GPU, the rest on the CPU)."""
+    policy = job.policy
+    on_gpu = window_compute_seconds(job.with_policy(_with(policy, "cache", "gpu")))
+    on_cpu = window_compute_seconds(job.with_policy(_with(policy, "cache", "cpu")))
     out = {}
     for phase, windows in on_gpu.items():
         for window, terms in windows.items():
@@ -255,24 +260,23 @@ def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2
     memory holds that many blocks' homes."""
     profile.require_speeds()
     start, found, solved = time.perf_counter(), [], 0
-    base = base or Policy()
+    job = Job(spec, base or Policy(), schedule, profile, s, n, q)
     booleans = [(d, w, c) for d in _choices(delegation) for w in _choices(compress[0])
                 for c in _choices(compress[1])]
     for delegate, weights, cache in booleans:
-        fixed = dataclasses.replace(base, cpu_delegation=delegate, compress_weight=weights,
-                                    compress_cache=cache)
+        fixed = dataclasses.replace(job.policy, cpu_delegation=delegate,
+                                    compress_weight=weights, compress_cache=cache)
         sizes = [b for b in batch_sizes if not max_block_size or b <= max_block_size]
-        solved = _batch_sizes(spec, profile, s, n, q, fixed, schedule, sizes,
-                              max_gpu_batches, found, solved, max_block_size, micro_blocks)
+        solved = _batch_sizes(job.with_policy(fixed), sizes, max_gpu_batches, found, solved,
+                              max_block_size, micro_blocks)
     if not found:
         return None
     found.sort(key=lambda c: c[1].generation_throughput, reverse=True)
     (policy, pred), simulated, lp_best = found[0], None, None
     if rerank_top > 0:
-        policy, pred, simulated, lp_best = _rerank(spec, profile, s, n, q, schedule,
-                                                   found[:rerank_top])
+        policy, pred, simulated, lp_best = _rerank(job, found[:rerank_top])
     return Found(policy, schedule, pred,
-                 peak_bytes(spec, homes(policy, micro_blocks), s, n, q, profile.workers()),
+                 peak_bytes(job.with_policy(homes(policy, micro_blocks)), profile.workers()),
                  solved, time.perf_counter() - start, simulated, lp_best)
 
 
@@ -280,18 +284,17 @@ RERANK_TOKENS = 8  # tokens the re-ranking simulates; later decode steps are ext
 RERANK_LAYERS = (4, 8)  # depths the re-ranking simulates; deeper models are extrapolated
 
 
-def _rerank(spec, profile, s, n, q, schedule, top):
+def _rerank(job: Job, top: list) -> tuple:
     """The best simulated of the cost model's `top` answers (best first): its policy,
     prediction and simulated token/s, and the cost model's best with its two figures when
     that is another policy."""
-    simulated = [extrapolated_throughput(spec, policy, schedule, profile, s, n, q)
-                 for policy, _ in top]
+    simulated = [extrapolated_throughput(job.with_policy(policy)) for policy, _ in top]
     k = max(range(len(top)), key=simulated.__getitem__)
     lp_best = None if k == 0 else (top[0][0], top[0][1].generation_throughput, simulated[0])
     return top[k][0], top[k][1], simulated[k], lp_best
 
 
-def extrapolated_throughput(spec, policy, schedule, profile, s, n, q) -> float:
+def extrapolated_throughput(job: Job) -> float:
     """Token/s by the simulator over the first RERANK_TOKENS tokens, the decode time
     extrapolated to n tokens (a step's time grows only with the cache, by (n - 8) / s); a
     model deeper than RERANK_LAYERS[-1] is simulated at those two depths and its phase times
@@ -300,12 +303,13 @@ def extrapolated_throughput(spec, policy, schedule, profile, s, n, q) -> float:
     replays a quarter of a million ops in Python (seconds); this replays a fiftieth."""
     from flexgen_lab.sim.simulator import simulate
 
+    spec, n = job.spec, job.gen_len
     horizon = min(n, RERANK_TOKENS)
     depths = RERANK_LAYERS if spec.num_layers > RERANK_LAYERS[-1] else (spec.num_layers,)
     phases = []
     for layers in depths:
-        sim = simulate(dataclasses.replace(spec, num_layers=layers), policy, schedule,
-                       profile, s, horizon, q)
+        sim = simulate(job.replace(spec=dataclasses.replace(spec, num_layers=layers),
+                                   gen_len=horizon, num_prompts=None))
         decode = sim.decode_s * (n - 1) / (horizon - 1) if horizon > 1 else 0.0
         phases.append((sim.prefill_s, decode))
     if len(phases) == 2:
@@ -313,11 +317,11 @@ def extrapolated_throughput(spec, policy, schedule, profile, s, n, q) -> float:
         share = (spec.num_layers - depths[0]) / (depths[1] - depths[0])
         phases = [(p1 + share * (p2 - p1), d1 + share * (d2 - d1))]
     prefill, decode = phases[0]
-    return policy.block_size * n / (prefill + decode)
+    return job.policy.block_size * n / (prefill + decode)
 
 
-def _batch_sizes(spec, profile, s, n, q, base, schedule, batch_sizes, max_gpu_batches,
-                 answers, solved, max_block_size, micro_blocks=1):
+def _batch_sizes(job: Job, batch_sizes, max_gpu_batches, answers, solved, max_block_size,
+                 micro_blocks=1):
     """The search over (gbs, num_gpu_batches) for fixed booleans: every answer goes in
     `answers` as (policy, prediction); returns the LPs solved so far."""
     for gbs in batch_sizes:
@@ -325,12 +329,12 @@ def _batch_sizes(spec, profile, s, n, q, base, schedule, batch_sizes, max_gpu_ba
         limit = max_gpu_batches if not max_block_size else min(max_gpu_batches,
                                                                max_block_size // gbs)
         for ngb in _doubling(limit):
-            candidate = dataclasses.replace(base, gpu_batch_size=gbs, num_gpu_batches=ngb)
-            found = solve(spec, candidate, schedule, profile, s, n, q, micro_blocks)
+            candidate = dataclasses.replace(job.policy, gpu_batch_size=gbs, num_gpu_batches=ngb)
+            found = solve(job.with_policy(candidate), micro_blocks)
             solved += 1
             if found is None:
                 break
-            pred = predict(spec, found, schedule, profile, s, n, q)
+            pred = predict(job.with_policy(found))
             if previous is not None and pred.generation_throughput <= previous:
                 break
             previous = pred.generation_throughput

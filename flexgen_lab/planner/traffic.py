@@ -27,6 +27,7 @@ from flexgen_lab.engine.transfer import LINKS
 from flexgen_lab.engine.weight_homes import stored_forms
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import loaded_shapes, part_names
+from flexgen_lab.planner.job import WHOLE_MODEL, Ends, Job
 from flexgen_lab.units import FLOAT_OF_SIZE, ceil_div
 
 
@@ -59,26 +60,18 @@ def _part_tier_bytes(spec: ModelSpec, part: str, share: Placement, dtype: torch.
 WINDOWS = ("embed", "layer", "last", "head")  # whose compute a transfer overlaps, see below
 
 
-Ends = tuple[bool, bool]  # (computes the embedding, computes the head): a pipeline stage's
-WHOLE_MODEL: Ends = (True, True)
 
 
-def link_bytes(spec: ModelSpec, policy: Policy, schedule: str, prompt_len: int, gen_len: int,
-               dtype_bytes: int, num_blocks: int = 1, ends: Ends = WHOLE_MODEL
-               ) -> dict[str, dict[str, int]]:
-    """Bytes per link and phase (prefill = token 0) for num_blocks blocks of prompts. A
-    pipeline stage passes a spec with its own decoder layers and `ends` (see window_bytes)."""
-    windows = window_bytes(spec, policy, schedule, prompt_len, gen_len, dtype_bytes,
-                           num_blocks, ends=ends)
+def link_bytes(job: Job) -> dict[str, dict[str, int]]:
+    """Bytes per link and phase (prefill = token 0) for the job's blocks of prompts. A
+    pipeline stage's job has a spec with its own decoder layers and `ends` (window_bytes)."""
+    windows = window_bytes(job)
     return {phase: {link: sum(w[link] for w in by_window.values()) for link in LINKS}
             for phase, by_window in windows.items()}
 
 
-def window_bytes(spec: ModelSpec, policy: Policy, schedule: str, prompt_len: int,
-                 gen_len: int, dtype_bytes: int, num_blocks: int = 1,
-                 kinds: tuple[str, ...] = ("weights", "cache", "activations"),
-                 requests: bool = False, ends: Ends = WHOLE_MODEL
-                 ) -> dict[str, dict[str, dict[str, int]]]:
+def window_bytes(job: Job, kinds: tuple[str, ...] = ("weights", "cache", "activations"),
+                 requests: bool = False) -> dict[str, dict[str, dict[str, int]]]:
     """Bytes per link, phase and window: the compute steps a transfer runs beside.
 
     Windows: "embed", "layer" (decoder layers 1 .. L-1), "last" (layer L), "head". The
@@ -95,17 +88,18 @@ def window_bytes(spec: ModelSpec, policy: Policy, schedule: str, prompt_len: int
     embedding's output goes home only where the embedding runs, and the head loads its
     input only where the head runs.
     """
-    dtype = FLOAT_OF_SIZE[dtype_bytes]
+    spec, policy, s, n = job.spec, job.policy, job.prompt_len, job.gen_len
+    dtype = FLOAT_OF_SIZE[job.dtype_bytes]
     unit = _copies if requests else Counter
     moved = {phase: {w: Counter() for w in WINDOWS} for phase in ("prefill", "decode")}
     if "weights" in kinds:
-        _weights(moved, spec, policy, schedule, gen_len, dtype, unit, ends)
+        _weights(moved, spec, policy, job.schedule, n, dtype, unit, job.ends)
     for k in range(policy.num_gpu_batches):
         if "cache" in kinds:
-            _cache(moved, spec, policy, k, prompt_len, gen_len, dtype, unit)
+            _cache(moved, spec, policy, k, s, n, dtype, unit)
         if "activations" in kinds:
-            _activations(moved, spec, policy, k, prompt_len, gen_len, dtype, unit, ends)
-    return {phase: {w: {link: counts[link] * num_blocks for link in LINKS}
+            _activations(moved, spec, policy, k, s, n, dtype, unit, job.ends)
+    return {phase: {w: {link: counts[link] * job.blocks for link in LINKS}
                     for w, counts in by_window.items()} for phase, by_window in moved.items()}
 
 

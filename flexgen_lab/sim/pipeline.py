@@ -15,7 +15,7 @@ Phase times are the original's, read on the last stage: each of its steps is cha
 the end of its previous step (waiting for input included) to the step's end, to prefill
 for token 0, to decode otherwise.
 
-    >>> sim = simulate_pipeline(spec, policy, "zigzag", profile, 512, 32, 2, stages=4)
+    >>> sim = simulate_pipeline(Job(spec, policy, "zigzag", profile, 512, 32), stages=4)
     >>> sim.generation_throughput, sim.stages[1].link_bytes["decode"]["network"]
 """
 
@@ -26,12 +26,11 @@ import json
 from dataclasses import dataclass, field
 
 from flexgen_lab.engine import schedule
-from flexgen_lab.engine.policy import Policy
 from flexgen_lab.engine.transfer import LINKS, phase_of
 from flexgen_lab.hardware.profile import HardwareProfile
-from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.pipeline.stages import micro_blocks as blocks_in_flight
 from flexgen_lab.pipeline.stages import stage_layers, stage_parts
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.memory_model import peak_bytes
 from flexgen_lab.planner.pipeline import check_schedule, message_bytes, pipeline_prompts, stage_spec
 from flexgen_lab.sim.simulator import OpCosts, run_stream, simulate
@@ -78,28 +77,25 @@ class PipelineSimulation:
                     for link in (*LINKS, "network")} for p in PHASES}
 
 
-def stage_peaks(spec: ModelSpec, policy: Policy, stages: int, stage: int, prompt_len: int,
-                gen_len: int, dtype_bytes: int, micro_blocks: int, workers: int
-                ) -> dict[str, float]:
+def stage_peaks(job: Job, stages: int, stage: int, micro_blocks: int) -> dict[str, float]:
     """A stage's modelled peak per tier: its layers (and the embedding and head, which the
     memory model always counts: a small over-estimate for middle stages), with the cache
     and activation homes of all micro-blocks in flight (each keeps its own)."""
-    own, _ = stage_spec(spec, stages, stage)
+    own, _ = stage_spec(job.spec, stages, stage)
+    policy = job.policy
     homes = dataclasses.replace(policy, num_gpu_batches=policy.num_gpu_batches * micro_blocks)
-    return peak_bytes(own, homes, prompt_len, gen_len, dtype_bytes, workers)
+    return peak_bytes(job.replace(spec=own, policy=homes), job.profile.workers())
 
 
-def simulate_stage(spec: ModelSpec, policy: Policy, schedule_name: str,
-                   profile: HardwareProfile, prompt_len: int, gen_len: int, dtype_bytes: int,
-                   stages: int, stage: int) -> StageSimulation:
+def simulate_stage(job: Job, stages: int, stage: int) -> StageSimulation:
     """One block through one stage's op stream: seconds per token step, bytes per link."""
-    costs = OpCosts(spec, policy, profile, prompt_len, gen_len, dtype_bytes, schedule_name)
+    spec, policy, profile = job.spec, job.policy, job.profile
     parts = stage_parts(spec.num_layers, stages, stage)
-    stream = schedule.ops(schedule_name, gen_len, spec.num_layers + 2, policy.num_gpu_batches,
-                          parts)
+    stream = schedule.ops(job.schedule, job.gen_len, spec.num_layers + 2,
+                          policy.num_gpu_batches, parts)
     steps: list[float] = []
-    _, _, records = run_stream(stream, costs, policy.overlap, 0.0, profile.workers(), steps,
-                               profile.overlap_contention)
+    _, _, records = run_stream(stream, OpCosts(job), policy.overlap, 0.0, profile.workers(),
+                               steps, profile.overlap_contention)
     moved = {p: dict.fromkeys((*LINKS, "network"), 0) for p in PHASES}
     for record in records:
         for link, n in record["bytes"].items():
@@ -107,27 +103,23 @@ def simulate_stage(spec: ModelSpec, policy: Policy, schedule_name: str,
     return StageSimulation(stage, stage_layers(spec.num_layers, stages, stage), steps, moved)
 
 
-def simulate_pipeline(spec: ModelSpec, policy: Policy, schedule_name: str,
-                      profile: HardwareProfile, prompt_len: int, gen_len: int,
-                      dtype_bytes: int = 2, stages: int = 1, micro_blocks: int | None = None,
-                      num_prompts: int | None = None) -> PipelineSimulation:
-    """Simulate num_prompts prompts (null: micro_blocks x block) over `stages` machines."""
+def simulate_pipeline(job: Job, stages: int = 1, micro_blocks: int | None = None
+                      ) -> PipelineSimulation:
+    """Simulate the job's prompts (null: micro_blocks x block) over `stages` machines."""
+    policy, profile, gen_len = job.policy, job.profile, job.gen_len
     m = blocks_in_flight(stages, micro_blocks)
-    num_prompts = pipeline_prompts(policy, stages, micro_blocks, num_prompts)
+    job = job.replace(num_prompts=pipeline_prompts(policy, stages, micro_blocks,
+                                                   job.num_prompts))
     if stages == 1:  # one machine is the single-machine engine, block after block
-        return _single(simulate(spec, policy, schedule_name, profile, prompt_len, gen_len,
-                                dtype_bytes, num_prompts), spec, policy, prompt_len,
-                       gen_len, dtype_bytes, profile.workers())
+        return _single(simulate(job), job)
     profile.require_speeds()
     profile.require_network()
-    check_schedule(schedule_name)
-    per_stage = [simulate_stage(spec, policy, schedule_name, profile, prompt_len, gen_len,
-                                dtype_bytes, stages, s) for s in range(stages)]
-    rounds = num_prompts // (m * policy.block_size)
-    messages = message_bytes(spec, policy, prompt_len, dtype_bytes)
+    check_schedule(job.schedule)
+    per_stage = [simulate_stage(job, stages, s) for s in range(stages)]
+    rounds = job.prompts // (m * policy.block_size)
+    messages = message_bytes(job)
     for st in per_stage:  # what each stage sends, per micro-block and round
-        st.peaks = stage_peaks(spec, policy, stages, st.stage, prompt_len, gen_len,
-                               dtype_bytes, m, profile.workers())
+        st.peaks = stage_peaks(job, stages, st.stage, m)
         last = st.stage == stages - 1
         st.link_bytes = {p: {k: v * m * rounds for k, v in links.items()}
                          for p, links in st.link_bytes.items()}
@@ -138,7 +130,7 @@ def simulate_pipeline(spec: ModelSpec, policy: Policy, schedule_name: str,
             st.link_bytes[p]["network"] = (m * rounds * sent[p]
                                            * messages["ids" if last else p])
     prefill_s, decode_s, steps = _flow(per_stage, profile, messages, m, rounds, gen_len)
-    return PipelineSimulation(prefill_s, decode_s, num_prompts, gen_len, per_stage, steps)
+    return PipelineSimulation(prefill_s, decode_s, job.prompts, gen_len, per_stage, steps)
 
 
 def _flow(per_stage: list[StageSimulation], profile: HardwareProfile, messages: dict,
@@ -172,16 +164,14 @@ def _flow(per_stage: list[StageSimulation], profile: HardwareProfile, messages: 
     return phases[0], phases[1], steps
 
 
-def _single(sim, spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
-            dtype_bytes: int, workers: int) -> PipelineSimulation:
+def _single(sim, job: Job) -> PipelineSimulation:
     """The single-machine simulation as a one-stage pipeline (its figures unchanged; its
     blocks run one after another, so one block's homes are live at a time)."""
     moved = {p: {**sim.link_bytes[p], "network": 0} for p in PHASES}
-    stage = StageSimulation(0, range(spec.num_layers), [], moved,
-                            stage_peaks(spec, policy, 1, 0, prompt_len, gen_len, dtype_bytes,
-                                        1, workers))
-    return PipelineSimulation(sim.prefill_s, sim.decode_s, sim.num_prompts, gen_len, [stage],
-                              [])
+    stage = StageSimulation(0, range(job.spec.num_layers), [], moved,
+                            stage_peaks(job, 1, 0, 1))
+    return PipelineSimulation(sim.prefill_s, sim.decode_s, sim.num_prompts, job.gen_len,
+                              [stage], [])
 
 
 def over_capacity(sim: PipelineSimulation, capacities: dict[str, int]) -> list[str]:

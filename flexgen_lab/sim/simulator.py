@@ -18,7 +18,7 @@ What it honours, as the engine does (engine/engine.py):
 Durations come from the cost model's own terms (link_rate, step_seconds), bytes from
 planner.traffic.OpTraffic (equal to the engine's counters), so the three cannot drift apart.
 
-    >>> sim = simulate(spec, policy, "zigzag", profile, prompt_len=512, gen_len=32)
+    >>> sim = simulate(Job(spec, policy, "zigzag", profile, prompt_len=512, gen_len=32))
     >>> sim.generation_throughput, sim.link_bytes["decode"]["cpu_to_gpu"]
 """
 
@@ -29,12 +29,10 @@ from dataclasses import dataclass, field
 
 from flexgen_lab.engine import dependencies, schedule
 from flexgen_lab.engine.placement import batch_ranges, split_units
-from flexgen_lab.engine.policy import Policy
 from flexgen_lab.engine.schedule import Op
 from flexgen_lab.engine.transfer import IO_THREADS, LINKS, phase_of
-from flexgen_lab.hardware.profile import HardwareProfile
-from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import link_rate, step_seconds
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.traffic import OpTraffic
 
 LOAD_ORDER = ("disk_to_cpu", "cpu_to_gpu")
@@ -186,12 +184,12 @@ def run_stream(ops: Iterable[Op], cost_of: Callable[[Op], Cost], overlap: bool,
 class OpCosts:
     """Cost of each op of a run: bytes from OpTraffic, seconds from the cost model's terms."""
 
-    def __init__(self, spec: ModelSpec, policy: Policy, profile: HardwareProfile,
-                 prompt_len: int, gen_len: int, dtype_bytes: int, schedule_name: str):
-        self.spec, self.policy, self.profile = spec, policy, profile
-        self.zigzag = schedule_name == "zigzag"
-        self.prompt_len, self.dtype_bytes = prompt_len, dtype_bytes
-        self.traffic = OpTraffic(spec, policy, prompt_len, gen_len, dtype_bytes)
+    def __init__(self, job: Job):
+        spec, policy = job.spec, job.policy
+        self.spec, self.policy, self.profile = spec, policy, job.profile
+        self.zigzag = job.schedule == "zigzag"
+        self.prompt_len, self.dtype_bytes = job.prompt_len, job.dtype_bytes
+        self.traffic = OpTraffic(spec, policy, job.prompt_len, job.gen_len, job.dtype_bytes)
         split = split_units(policy.block_size, policy.cache)
         self.cpu_rows = [sum(b - a for tier, (a, b) in
                              batch_ranges(split, k, policy.gpu_batch_size).items()
@@ -230,17 +228,15 @@ class OpCosts:
         return Cost(compute_s=sum(terms.values()) + transfers, moved=dict(moved))
 
 
-def simulate(spec: ModelSpec, policy: Policy, schedule_name: str, profile: HardwareProfile,
-             prompt_len: int, gen_len: int, dtype_bytes: int = 2,
-             num_prompts: int | None = None) -> Simulation:
-    """Simulate generating num_prompts prompts (one block by default), block after block."""
+def simulate(job: Job) -> Simulation:
+    """Simulate generating the job's prompts (one block by default), block after block."""
+    spec, policy, profile, gen_len = job.spec, job.policy, job.profile, job.gen_len
     profile.require_speeds()
-    num_prompts = num_prompts or policy.block_size
-    costs = OpCosts(spec, policy, profile, prompt_len, gen_len, dtype_bytes, schedule_name)
+    costs = OpCosts(job)
     phases, moved, trace, start = [0.0, 0.0], {p: dict.fromkeys(LINKS, 0)
                                                for p in ("prefill", "decode")}, [], 0.0
-    for _ in range(num_prompts // policy.block_size):
-        stream = schedule.ops(schedule_name, gen_len, spec.num_layers + 2,
+    for _ in range(job.blocks):
+        stream = schedule.ops(job.schedule, gen_len, spec.num_layers + 2,
                               policy.num_gpu_batches)
         phase, start, records = run_stream(stream, costs, policy.overlap, start,
                                            profile.workers(),
@@ -250,4 +246,4 @@ def simulate(spec: ModelSpec, policy: Policy, schedule_name: str, profile: Hardw
         for record in records:
             for link, n in record["bytes"].items():
                 moved[phase_of(record["token"])][link] += n
-    return Simulation(phases[0], phases[1], num_prompts, gen_len, moved, trace)
+    return Simulation(phases[0], phases[1], job.prompts, gen_len, moved, trace)

@@ -32,6 +32,7 @@ from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.memory_model import peak_bytes
 from flexgen_lab.planner.traffic import link_bytes
 from flexgen_lab.sim.simulator import simulate
@@ -89,7 +90,8 @@ def check_run(run: Run) -> None:
     same_tokens(out.output_ids, ref_tokens, seen.stacked(run), ref_logits,
                 DISCRETE if discrete else EXACT)
     same_bytes(spec, run, out.link_bytes)
-    assert peak_bytes(spec, policy, run.prompt_len, run.gen_len, 4) == tiers.peaks()
+    assert peak_bytes(Job(spec, policy, run.schedule, None, run.prompt_len, run.gen_len,
+                          4)) == tiers.peaks()
 
 
 def same_tokens(tokens, ref_tokens, logits, ref_logits, tol: float) -> None:
@@ -112,12 +114,12 @@ def same_bytes(spec, run: Run, counted: dict) -> None:
     the union of the chosen value rows, which depends on the data: that link is bounded by
     the keys alone and keys plus every value row."""
     policy = run.policy
-    args = (run.schedule, run.prompt_len, run.gen_len, 4)
-    modelled = link_bytes(spec, policy, *args, num_blocks=run.num_blocks)
-    simulated = simulate(spec, policy, run.schedule, PROFILE, run.prompt_len, run.gen_len, 4,
-                         run.num_prompts).link_bytes
+    job = Job(spec, policy, run.schedule, PROFILE, run.prompt_len, run.gen_len, 4,
+              run.num_blocks * policy.block_size)
+    modelled = link_bytes(job)
+    simulated = simulate(job).link_bytes
     if policy.attn_sparsity < 1.0 and policy.cache.disk > 0:
-        dense = link_bytes(spec, _dense(policy), *args, num_blocks=run.num_blocks)
+        dense = link_bytes(job.with_policy(_dense(policy)))
         low, high = modelled["decode"]["disk_to_cpu"], dense["decode"]["disk_to_cpu"]
         assert low <= counted["decode"]["disk_to_cpu"] <= high
         for table in (counted, modelled, simulated):

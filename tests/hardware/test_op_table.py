@@ -23,6 +23,7 @@ from flexgen_lab.hardware.op_table import (
 )
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import predict
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.traffic import OpTraffic, window_bytes
 from flexgen_lab.sim.simulator import simulate
 from tests.planner.test_cost_model import profile
@@ -73,9 +74,10 @@ def test_the_cost_model_reads_the_table_of_the_models_shapes():
     resident = Policy(gpu_batch_size=8)
     with_table = hw.replace(op_tables={shape_key(spec, 2): table()})
     slower = hw.replace(op_tables={shape_key(spec, 2): table(2.0)})
-    flops = predict(spec, resident, "zigzag", hw, 64, 8)
-    once = predict(spec, resident, "zigzag", with_table, 64, 8)
-    twice = predict(spec, resident, "zigzag", slower, 64, 8)
+    job = Job(spec, resident, "zigzag", hw, 64, 8)
+    flops = predict(job)
+    once = predict(job.replace(profile=with_table))
+    twice = predict(job.replace(profile=slower))
     assert once.decode_s != pytest.approx(flops.decode_s, rel=0.01)  # the table, not FLOP/s
     # resident, no overhead and no dequantisation: every compute second comes from the table
     assert twice.decode_s == pytest.approx(2 * once.decode_s)
@@ -84,8 +86,8 @@ def test_the_cost_model_reads_the_table_of_the_models_shapes():
     assert once.terms["decode"]["matmul"] + once.terms["decode"]["attention"] == pytest.approx(
         7 * (spec.num_layers * layer + (1e-3 + 8e-6) + (1e-3 + 8e-6)), rel=0.02)
     # another dtype's table is not this one's
-    assert predict(spec, resident, "zigzag", hw.replace(
-        op_tables={shape_key(spec, 4): table()}), 64, 8).decode_s == flops.decode_s
+    assert predict(job.replace(profile=hw.replace(
+        op_tables={shape_key(spec, 4): table()}))).decode_s == flops.decode_s
 
 
 def test_dequantisation_is_read_from_the_table_where_it_has_it():
@@ -103,18 +105,18 @@ def test_dequantisation_is_read_from_the_table_where_it_has_it():
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, weights=Placement(0, 1),
                     compress_weight=True, compress_cache=True)
     s, n = 16, 3
-    terms = predict(spec, policy, "zigzag", hw.replace(op_tables={shape_key(spec, 2): new}),
-                    s, n).terms
+    job = Job(spec, policy, "zigzag", hw, s, n)
+    terms = predict(job.replace(profile=hw.replace(op_tables={shape_key(spec, 2): new}))).terms
     assert terms["prefill"]["dequant"] == pytest.approx(
         spec.num_layers * layer_s + 0.5 + 0.75)  # once per part: the block's first batch
     mean_keys = s + (n - 1) / 2  # decode steps see s .. s + n - 2 past positions
     cache = spec.num_layers * 2 * (n - 1) * 4 * (mean_keys - 0.5) * per_row_key
     assert terms["decode"]["dequant"] == pytest.approx(
         (n - 1) * (spec.num_layers * layer_s + 0.5 + 0.75) + cache, rel=0.02)
-    fallback = predict(spec, policy, "zigzag", hw.replace(op_tables={shape_key(spec, 2): old}),
-                       s, n).terms
-    without = predict(spec, policy, "zigzag", hw.replace(
-        op_tables={shape_key(spec, 2): old}, dequant_rate=None), s, n).terms
+    fallback = predict(job.replace(profile=hw.replace(
+        op_tables={shape_key(spec, 2): old}))).terms
+    without = predict(job.replace(profile=hw.replace(
+        op_tables={shape_key(spec, 2): old}, dequant_rate=None))).terms
     assert fallback["decode"]["dequant"] > 0 == without["decode"]["dequant"]
 
 
@@ -122,7 +124,7 @@ def test_dequantisation_is_read_from_the_table_where_it_has_it():
 @given(policies(max_batch_size=4, max_batches=3), st.sampled_from(("zigzag", "row_by_row")))
 def test_copies_per_window_are_the_ops_that_move_bytes(policy, schedule):
     spec, s, n = ModelSpec.from_name("opt-tiny"), 5, 4
-    copies = window_bytes(spec, policy, schedule, s, n, 4, requests=True)
+    copies = window_bytes(Job(spec, policy, schedule, None, s, n, 4), requests=True)
     traffic = OpTraffic(spec, policy, s, n, 4)
     counted = {"prefill": Counter(), "decode": Counter()}
     for op in schedules.ops(schedule, n, spec.num_layers + 2, policy.num_gpu_batches):
@@ -141,10 +143,9 @@ def test_latency_and_tables_keep_the_simulator_equal_to_the_cost_models_sum(sche
                                                    "disk_to_cpu": 1e-4, "cpu_to_disk": 2e-4})
     policy = Policy(gpu_batch_size=4, num_gpu_batches=3, weights=Placement(0.3, 0.4),
                     cache=Placement(0.2, 0.5), activations=Placement(0.3, 0.3), overlap=False)
-    sim = simulate(spec, policy, schedule, hw, 64, 6, 2, 2 * policy.block_size)
-    pred = predict(spec, policy, schedule, hw, 64, 6, 2, 2 * policy.block_size)
+    job = Job(spec, policy, schedule, hw, 64, 6, 2, 2 * policy.block_size)
+    sim, pred = simulate(job), predict(job)
     assert sim.prefill_s + sim.decode_s == pytest.approx(pred.prefill_s + pred.decode_s,
                                                           rel=1e-9)
-    no_latency = predict(spec, policy, schedule, dataclasses.replace(hw, io_latency_s={}),
-                         64, 6, 2, 2 * policy.block_size)
+    no_latency = predict(job.replace(profile=dataclasses.replace(hw, io_latency_s={})))
     assert pred.decode_s > no_latency.decode_s

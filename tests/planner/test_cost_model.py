@@ -10,6 +10,7 @@ from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.hardware.profile import HardwareProfile, parse_rate
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import flexgen_original, flexgen_original_memory, predict
+from flexgen_lab.planner.job import Job
 
 
 def profile(name: str) -> HardwareProfile:
@@ -30,8 +31,8 @@ PAPER_512 = {  # facts §4: the s = 512 policies, and the original model's own p
 @pytest.mark.parametrize("model", PAPER_512)
 def test_original_variant_reproduces_its_own_predictions(model):
     policy, expected = PAPER_512[model]
-    got = flexgen_original(ModelSpec.from_name(model), policy, profile("t4-paper-fitted"), 512,
-                           32).generation_throughput
+    got = flexgen_original(Job(ModelSpec.from_name(model), policy, "zigzag",
+                               profile("t4-paper-fitted"), 512, 32)).generation_throughput
     assert got == pytest.approx(expected, rel=0.01)
 
 
@@ -57,7 +58,8 @@ def test_paper_profile_presets_have_every_speed():
                  "h100-datasheet"):
         assert profile(name).missing_speeds() == []
     with pytest.raises(ConfigError, match="no speeds"):
-        predict(ModelSpec.from_name("opt-tiny"), Policy(), "zigzag", profile("local"), 8, 4)
+        predict(Job(ModelSpec.from_name("opt-tiny"), Policy(), "zigzag", profile("local"), 8,
+                    4))
 
 
 def test_rates_parse_with_units():
@@ -75,7 +77,7 @@ def test_our_model_moves_the_right_way():
 
     def tput(schedule="zigzag", **changes):
         policy = Policy(**{**base, "weights": Placement(0.2, 0.8), **changes})
-        return predict(spec, policy, schedule, hw, 512, 32).generation_throughput
+        return predict(Job(spec, policy, schedule, hw, 512, 32)).generation_throughput
 
     assert tput(weights=Placement(0.4, 0.6)) > tput()  # more weights on the GPU: faster
     assert tput(overlap=False) < tput()
@@ -86,11 +88,11 @@ def test_our_model_moves_the_right_way():
 
 def test_decode_reads_every_weight_each_step_so_batching_pays_when_resident():
     spec, hw = ModelSpec.from_name("opt-6.7b"), profile("t4-paper")
-    small, large = (predict(spec, Policy(gpu_batch_size=b), "zigzag", hw, 512, 32)
+    small, large = (predict(Job(spec, Policy(gpu_batch_size=b), "zigzag", hw, 512, 32))
                     for b in (1, 8))
     assert large.generation_throughput > 4 * small.generation_throughput
     without = hw.replace(gpu_mem_bw=None)  # the original had no such term: batching is flat
-    a, b = (predict(spec, Policy(gpu_batch_size=g), "zigzag", without, 512, 32)
+    a, b = (predict(Job(spec, Policy(gpu_batch_size=g), "zigzag", without, 512, 32))
             for g in (1, 8))
     assert b.generation_throughput == pytest.approx(a.generation_throughput, rel=0.05)
 
@@ -100,10 +102,10 @@ def test_dequantisation_costs_time_when_the_profile_knows_its_rate():
     plain = Policy(gpu_batch_size=8, weights=Placement(0, 1))
     packed = Policy(gpu_batch_size=8, weights=Placement(0, 1), compress_weight=True)
     fast = hw.replace(dequant_rate=None)
-    assert (predict(spec, packed, "zigzag", fast, 128, 8).generation_throughput
-            > predict(spec, plain, "zigzag", fast, 128, 8).generation_throughput)  # fewer bytes
+    assert (predict(Job(spec, packed, "zigzag", fast, 128, 8)).generation_throughput
+            > predict(Job(spec, plain, "zigzag", fast, 128, 8)).generation_throughput)
     slow = hw.replace(dequant_rate=1e9)  # 1 GB/s of unpacked weights
-    pred = predict(spec, packed, "zigzag", slow, 128, 8)
+    pred = predict(Job(spec, packed, "zigzag", slow, 128, 8))
     # every matrix is unpacked once per step (the tied head unpacks the embedding again)
     matrices = [s for shapes in (spec.embedding_param_shapes(), spec.head_param_shapes(),
                                  *[spec.layer_param_shapes()] * spec.num_layers)
@@ -111,5 +113,5 @@ def test_dequantisation_costs_time_when_the_profile_knows_its_rate():
     unpacked = 2 * (sum(r * c for r, c in matrices) + spec.vocab * spec.hidden)
     assert spec.tie_embeddings
     assert pred.terms["decode"]["dequant"] == pytest.approx(7 * unpacked / 1e9)
-    assert pred.generation_throughput < predict(spec, plain, "zigzag", slow, 128,
-                                                8).generation_throughput
+    assert pred.generation_throughput < predict(Job(spec, plain, "zigzag", slow, 128,
+                                                    8)).generation_throughput

@@ -10,6 +10,7 @@ from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import predict
 from flexgen_lab.planner.fit import Observation, errors, fit, split
+from flexgen_lab.planner.job import Job
 from tests.planner.test_cost_model import profile
 
 CPU, DISK = Placement(0, 1), Placement(0, 0)
@@ -26,7 +27,7 @@ def observed(truth, spec, policies) -> list[Observation]:
     """Runs 'measured' on a machine whose speeds are `truth` (its cost-model times)."""
     out = []
     for n, policy in enumerate(policies):
-        pred = predict(spec, policy, "zigzag", truth, 64, 8, 2)
+        pred = predict(Job(spec, policy, "zigzag", truth, 64, 8, 2))
         out.append(Observation(spec, policy, "zigzag", 64, 8, policy.block_size, 2,
                                pred.prefill_s, pred.decode_s, n))
     return out

@@ -9,6 +9,7 @@ from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.memory_model import memory_terms, peak_bytes, placing_terms
 from flexgen_lab.workload import synthetic_prompts
 
@@ -36,12 +37,13 @@ def test_modelled_peaks_match_the_engines_accounting(name, tmp_path):
     with Engine(SPEC, DummyWeights(SPEC, 0), policy, tiers=tiers,
                 offload_dir=tmp_path) as engine:
         engine.generate(ids, mask, n)
-    linear = memory_terms(SPEC, policy, s, n, 4, not policy.weights.all_gpu,
-                          not policy.cache.all_gpu, not policy.activations.all_gpu)
+    job = Job(SPEC, policy, "zigzag", None, s, n, 4)
+    linear = memory_terms(job, not policy.weights.all_gpu, not policy.cache.all_gpu,
+                          not policy.activations.all_gpu)
     linear_peaks = {tier: term.at(policy) for tier, term in linear.items()}
-    placing = placing_terms(SPEC, policy, 4, not policy.weights.all_gpu)
+    placing = placing_terms(job, not policy.weights.all_gpu)
     linear_peaks["cpu"] = max(linear_peaks["cpu"], placing.at(policy))
-    exact = peak_bytes(SPEC, policy, s, n, 4)
+    exact = peak_bytes(job)
     for tier, peak in tiers.peaks().items():
         assert exact[tier] == peak, tier
         assert linear_peaks[tier] == pytest.approx(peak, rel=0.10), tier

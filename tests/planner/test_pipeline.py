@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import predict
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.pipeline import message_bytes, predict_pipeline, stage_spec
 from flexgen_lab.planner.traffic import link_bytes
 from flexgen_lab.sim.pipeline import simulate_pipeline, simulate_stage
@@ -38,12 +39,12 @@ def _plain(policy: Policy) -> Policy:
     ("zigzag", "row_by_row")), gen_len=st.integers(1, 4))
 def test_the_stages_bytes_add_up_to_the_whole_models(policy, stages, schedule, gen_len):
     policy = _plain(policy)
-    whole = link_bytes(SPEC, policy, schedule, 8, gen_len, 2)
+    job = Job(SPEC, policy, schedule, None, 8, gen_len, 2)
+    whole = link_bytes(job)
     total = {phase: dict(ONE_LINK) for phase in whole}
     for stage in range(stages):
         own, ends = stage_spec(SPEC, stages, stage)
-        for phase, links in link_bytes(own, policy, schedule, 8, gen_len, 2,
-                                       ends=ends).items():
+        for phase, links in link_bytes(job.replace(spec=own, ends=ends)).items():
             for link, n in links.items():
                 total[phase][link] += n
     assert total == whole
@@ -55,24 +56,25 @@ def test_the_stages_bytes_add_up_to_the_whole_models(policy, stages, schedule, g
 def test_each_stages_op_stream_moves_what_the_byte_model_says(policy, stages, schedule):
     policy = _plain(policy)
     for stage in range(stages):
-        sim = simulate_stage(SPEC, policy, schedule, X4, 8, 3, 2, stages, stage)
+        job = Job(SPEC, policy, schedule, X4, 8, 3, 2)
+        sim = simulate_stage(job, stages, stage)
         own, ends = stage_spec(SPEC, stages, stage)
-        expected = link_bytes(own, policy, schedule, 8, 3, 2, ends=ends)
+        expected = link_bytes(job.replace(spec=own, ends=ends))
         assert {p: {k: v for k, v in links.items() if k != "network"}
                 for p, links in sim.link_bytes.items()} == expected, stage
 
 
 @pytest.mark.parametrize("schedule", ["zigzag", "row_by_row"])
 def test_one_stage_is_the_single_machine_exactly(schedule):
-    sim = simulate_pipeline(SPEC, OFFLOADED, schedule, X4, 32, 5, 2, stages=1,
-                            micro_blocks=3)
-    alone = simulate(SPEC, OFFLOADED, schedule, X4, 32, 5, 2, 3 * OFFLOADED.block_size)
+    job = Job(SPEC, OFFLOADED, schedule, X4, 32, 5, 2)
+    sim = simulate_pipeline(job, stages=1, micro_blocks=3)
+    alone = simulate(job.replace(num_prompts=3 * OFFLOADED.block_size))
     assert (sim.prefill_s, sim.decode_s, sim.num_prompts) == (
         alone.prefill_s, alone.decode_s, alone.num_prompts)
     assert all(sim.link_bytes[p][link] == alone.link_bytes[p][link]
                for p in alone.link_bytes for link in alone.link_bytes[p])
-    pred = predict_pipeline(SPEC, OFFLOADED, schedule, X4, 32, 5, 2, stages=1, micro_blocks=3)
-    assert pred == predict(SPEC, OFFLOADED, schedule, X4, 32, 5, 2, 3 * OFFLOADED.block_size)
+    pred = predict_pipeline(job, stages=1, micro_blocks=3)
+    assert pred == predict(job.replace(num_prompts=3 * OFFLOADED.block_size))
 
 
 AGREEMENT = 0.10  # the closed form against the event-driven pipeline (module doc)
@@ -88,9 +90,9 @@ def test_the_closed_form_agrees_with_the_simulated_pipeline(policy, stages, micr
     tests/sim), which is not what this module adds."""
     policy = _plain(policy)
     m = micro_blocks or stages
-    args = (SPEC, policy, "zigzag", X4, 64, 6, 2, stages, micro_blocks,
-            rounds * m * policy.block_size)
-    sim, pred = simulate_pipeline(*args), predict_pipeline(*args)
+    job = Job(SPEC, policy, "zigzag", X4, 64, 6, 2, rounds * m * policy.block_size)
+    sim = simulate_pipeline(job, stages, micro_blocks)
+    pred = predict_pipeline(job, stages, micro_blocks)
     simulated = sum(sum(st.token_steps_s) for st in sim.stages)
     modelled = sum(p.prefill_s + p.decode_s for p in pred.stages)
     total = (pred.prefill_s + pred.decode_s) * simulated / modelled
@@ -99,13 +101,13 @@ def test_the_closed_form_agrees_with_the_simulated_pipeline(policy, stages, micr
 
 def test_several_stages_need_the_zigzag_order():
     with pytest.raises(ValueError, match="zigzag"):
-        simulate_pipeline(SPEC, OFFLOADED, "row_by_row", X4, 32, 5, 2, stages=2)
+        simulate_pipeline(Job(SPEC, OFFLOADED, "row_by_row", X4, 32, 5, 2), stages=2)
 
 
 def test_without_overlap_one_micro_block_goes_round_the_ring_exactly():
     serial = dataclasses.replace(OFFLOADED, overlap=False)
-    args = (SPEC, serial, "zigzag", X4, 32, 5, 2, 3, 1)
-    sim, pred = simulate_pipeline(*args), predict_pipeline(*args)
+    job = Job(SPEC, serial, "zigzag", X4, 32, 5, 2)
+    sim, pred = simulate_pipeline(job, 3, 1), predict_pipeline(job, 3, 1)
     # (the phases split differently: the stream loads the next token's first weights
     # inside the current step, the cost model counts them with the token that uses them)
     assert sim.prefill_s + sim.decode_s == pytest.approx(pred.prefill_s + pred.decode_s,
@@ -113,7 +115,7 @@ def test_without_overlap_one_micro_block_goes_round_the_ring_exactly():
 
 
 def test_stage_s_computes_micro_block_m_while_the_next_computes_m_minus_1():
-    sim = simulate_pipeline(SPEC, OFFLOADED, "zigzag", X4, 32, 4, 2, stages=3)
+    sim = simulate_pipeline(Job(SPEC, OFFLOADED, "zigzag", X4, 32, 4, 2), stages=3)
     steps = {(r["stage"], r["token"], r["micro_block"]): r for r in sim.steps}
     overlaps = [(s, m) for (s, i, m), r in steps.items() if i == 0 and s + 1 < 3 and m > 0
                 and r["start_s"] < steps[(s + 1, 0, m - 1)]["end_s"]
@@ -127,9 +129,9 @@ def test_stage_s_computes_micro_block_m_while_the_next_computes_m_minus_1():
 
 
 def test_network_bytes_are_the_micro_blocks_activations_and_ids():
-    sim = simulate_pipeline(SPEC, OFFLOADED, "zigzag", X4, 32, 5, 2, stages=2,
-                            micro_blocks=3)
-    msg = message_bytes(SPEC, OFFLOADED, 32, 2)
+    job = Job(SPEC, OFFLOADED, "zigzag", X4, 32, 5, 2)
+    sim = simulate_pipeline(job, stages=2, micro_blocks=3)
+    msg = message_bytes(job)
     first, last = sim.stages
     assert msg["prefill"] == OFFLOADED.block_size * 32 * SPEC.hidden * 2
     assert first.link_bytes["prefill"]["network"] == 3 * msg["prefill"]
@@ -144,8 +146,8 @@ def test_more_stages_raise_throughput_where_the_model_does_not_fit_one_machine()
     x4 = profile("t4-paper-x4")
     policy = Policy(gpu_batch_size=64, num_gpu_batches=3, weights=Placement(0.08, 0.92),
                     cache=Placement(0, 1), activations=Placement(0, 1), cpu_delegation=True)
-    one = predict_pipeline(spec, policy, "zigzag", x4, 512, 32, 2, stages=1)
-    four = predict_pipeline(spec, policy, "zigzag", x4, 512, 32, 2, stages=4)
+    job = Job(spec, policy, "zigzag", x4, 512, 32, 2)
+    one, four = predict_pipeline(job, stages=1), predict_pipeline(job, stages=4)
     assert four.generation_throughput > 2.5 * one.generation_throughput
 
 
@@ -156,7 +158,8 @@ def test_a_searched_stage_holds_every_micro_blocks_homes():
     own, _ = stage_spec(ModelSpec.from_name("opt-6.7b"), 4, 0)
     small = profile("t4-paper-x4").replace(cpu_mem=24 * 10**9, gpu_mem=4 * 10**9)
     found = search(own, small, 512, 32, 2, micro_blocks=4, batch_sizes=(8, 16, 32))
-    held = peak_bytes(own, homes(found.policy, 4), 512, 32, 2, small.workers())
+    held = peak_bytes(Job(own, homes(found.policy, 4), "zigzag", small, 512, 32, 2),
+                      small.workers())
     for tier, capacity in (("gpu", small.gpu_mem), ("cpu", small.cpu_mem)):
         assert held[tier] <= small.safety_factor * capacity, tier
     alone = search(own, small, 512, 32, 2, batch_sizes=(8, 16, 32))

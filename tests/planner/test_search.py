@@ -18,6 +18,7 @@ from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.memory_model import peak_bytes
 from flexgen_lab.planner.search import search
 from flexgen_lab.sim.simulator import simulate
@@ -143,7 +144,7 @@ def check_search(model: str, capacities: tuple[int, int, int], s: int, n: int,
              "disk": disk * hw.safety_factor}
     if found is None:
         for extreme in EXTREMES:
-            peaks = peak_bytes(spec, extreme, s, n, 4)
+            peaks = peak_bytes(Job(spec, extreme, "zigzag", None, s, n, 4))
             assert any(peaks[t] > limit[t] for t in peaks), f"{extreme} fits, none found"
         return
     tiers = Tiers(gpu, cpu, disk, "cpu")
@@ -196,7 +197,7 @@ def test_rerank_by_the_simulator_beats_the_cost_models_pick():
     assert predicted == pytest.approx(plain.prediction.generation_throughput)
     assert predicted > ranked.prediction.generation_throughput  # the LP ranks it first
     assert ranked.simulated > 1.2 * simulated  # the simulator does not
-    full = simulate(spec, ranked.policy, "zigzag", hw, 512, 32, 2).generation_throughput
+    full = simulate(Job(spec, ranked.policy, "zigzag", hw, 512, 32, 2)).generation_throughput
     assert ranked.simulated == pytest.approx(full, rel=0.05)  # 8 tokens, extrapolated
 
 
@@ -212,6 +213,6 @@ def test_the_rerankings_shallow_simulations_extrapolate_to_the_full_model(policy
     from flexgen_lab.planner.search import extrapolated_throughput
 
     spec, hw = ModelSpec.from_name("opt-30b"), profile("t4-paper-fitted")
-    full = simulate(spec, policy, "zigzag", hw, 512, 32, 2).generation_throughput
-    assert extrapolated_throughput(spec, policy, "zigzag", hw, 512, 32, 2) == pytest.approx(
-        full, rel=0.03)
+    job = Job(spec, policy, "zigzag", hw, 512, 32, 2)
+    full = simulate(job).generation_throughput
+    assert extrapolated_throughput(job) == pytest.approx(full, rel=0.03)

@@ -8,6 +8,7 @@ from flexgen_lab.engine.engine import Engine
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
+from flexgen_lab.planner.job import Job
 from flexgen_lab.planner.traffic import link_bytes
 from flexgen_lab.sim.simulator import simulate
 from flexgen_lab.workload import synthetic_prompts
@@ -41,13 +42,14 @@ def test_predicted_bytes_equal_counted_bytes(model, case, tmp_path):
     ids, mask = synthetic_prompts(spec, 2 * policy.block_size, S, seed=0)
     with Engine(spec, DummyWeights(spec, 0), policy, schedule, offload_dir=tmp_path) as engine:
         counted = engine.generate(ids, mask, N).link_bytes
-    assert link_bytes(spec, policy, schedule, S, N, 4, num_blocks=2) == counted
-    simulated = simulate(spec, policy, schedule, DEV, S, N, 4, 2 * policy.block_size)
+    job = Job(spec, policy, schedule, DEV, S, N, 4, 2 * policy.block_size)
+    assert link_bytes(job) == counted
+    simulated = simulate(job)
     assert simulated.link_bytes == counted  # op by op, summed
 
 
 def test_a_different_policy_predicts_different_bytes():
     spec = ModelSpec.from_name("opt-tiny")
-    a = link_bytes(spec, Policy(weights=Placement(0, 1)), "zigzag", S, N, 4)
-    b = link_bytes(spec, Policy(weights=Placement(0.5, 0.5)), "zigzag", S, N, 4)
+    a = link_bytes(Job(spec, Policy(weights=Placement(0, 1)), "zigzag", None, S, N, 4))
+    b = link_bytes(Job(spec, Policy(weights=Placement(0.5, 0.5)), "zigzag", None, S, N, 4))
     assert a["decode"]["cpu_to_gpu"] > b["decode"]["cpu_to_gpu"] > 0

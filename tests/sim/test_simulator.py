@@ -10,6 +10,7 @@ from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.schedule import Op
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import predict
+from flexgen_lab.planner.job import Job
 from flexgen_lab.sim.simulator import Cost, run_stream, simulate
 from tests.planner.test_cost_model import profile
 
@@ -68,8 +69,8 @@ def test_the_profiles_io_workers_reach_the_simulator_and_the_cost_model():
     one, three = t4.replace(io_workers=1), t4.replace(io_workers=None)
     assert (one.workers(), three.workers(), t4.workers()) == (1, 2, 3)  # None: IO_THREADS
     for model in (simulate, predict):
-        slow = model(spec, policy, "zigzag", one, 128, 8).generation_throughput
-        fast = model(spec, policy, "zigzag", three, 128, 8).generation_throughput
+        slow = model(Job(spec, policy, "zigzag", one, 128, 8)).generation_throughput
+        fast = model(Job(spec, policy, "zigzag", three, 128, 8)).generation_throughput
         assert slow < fast, model.__name__
 
 
@@ -87,12 +88,10 @@ POLICIES = [
 
 @pytest.mark.parametrize("policy,schedule", POLICIES)
 def test_without_overlap_the_simulation_is_the_cost_models_sum(policy, schedule):
-    import dataclasses
-
     spec, hw = ModelSpec.from_name("opt-1.3b"), profile("t4-paper")
     serial = dataclasses.replace(policy, overlap=False)
-    sim = simulate(spec, serial, schedule, hw, 64, 6, 2, 2 * policy.block_size)
-    pred = predict(spec, serial, schedule, hw, 64, 6, 2, 2 * policy.block_size)
+    job = Job(spec, serial, schedule, hw, 64, 6, 2, 2 * policy.block_size)
+    sim, pred = simulate(job), predict(job)
     assert sim.prefill_s + sim.decode_s == pytest.approx(pred.prefill_s + pred.decode_s,
                                                           rel=1e-9)
 
@@ -100,10 +99,10 @@ def test_without_overlap_the_simulation_is_the_cost_models_sum(policy, schedule)
 @pytest.mark.parametrize("policy,schedule", POLICIES[:2])
 def test_with_overlap_it_lies_between_the_busiest_resource_and_the_sum(policy, schedule):
     spec, hw = ModelSpec.from_name("opt-1.3b"), profile("t4-paper")
-    sim = simulate(spec, policy, schedule, hw, 64, 6)
-    pred = predict(spec, policy, schedule, hw, 64, 6)  # phase by phase: the busiest resource
-    serial = predict(spec, policy.__class__(**{**policy.__dict__, "overlap": False}),
-                     schedule, hw, 64, 6)
+    job = Job(spec, policy, schedule, hw, 64, 6)
+    sim = simulate(job)
+    pred = predict(job)  # phase by phase: the busiest resource
+    serial = predict(job.with_policy(dataclasses.replace(policy, overlap=False)))
     total = sim.prefill_s + sim.decode_s
     assert pred.prefill_s + pred.decode_s < total < serial.prefill_s + serial.decode_s
 
@@ -112,7 +111,7 @@ def test_opt_175b_on_the_papers_t4_simulates_without_weights():
     spec, hw = ModelSpec.from_name("opt-175b"), profile("t4-paper")
     policy = Policy(gpu_batch_size=32, num_gpu_batches=8, weights=Placement(0, 0.5),
                     cache=Placement(0, 0), activations=Placement(0, 1), cpu_delegation=True)
-    sim = simulate(spec, policy, "zigzag", hw, 512, 32)
+    sim = simulate(Job(spec, policy, "zigzag", hw, 512, 32))
     # every decode step streams the disk half of 350 GB of weights through the cpu
     assert sim.link_bytes["decode"]["disk_to_cpu"] > 31 * 0.5 * spec.weight_bytes(2)
     assert 0.05 < sim.generation_throughput < 5
@@ -153,14 +152,16 @@ def test_contention_slows_the_cost_model_and_the_simulator_alike():
     t4 = profile("t4-paper")
     hw = t4.replace(mm_flops_decode=t4.mm_flops_decode / 10,
                     mm_flops_prefill=t4.mm_flops_prefill / 10)
+    job = Job(spec, policy, "zigzag", hw, 128, 8)
+    serial_job = job.with_policy(serial_policy)
     for model in (simulate, predict):
-        rate = {c: model(spec, policy, "zigzag", hw.replace(overlap_contention=c), 128, 8
+        rate = {c: model(job.replace(profile=hw.replace(overlap_contention=c))
                          ).generation_throughput for c in (0.0, 0.5, 1.0)}
-        serial = model(spec, serial_policy, "zigzag", hw, 128, 8).generation_throughput
+        serial = model(serial_job).generation_throughput
         assert serial < 0.95 * rate[0.0], model.__name__  # overlap pays without contention
         assert rate[1.0] < rate[0.5] < rate[0.0], model.__name__
         assert rate[1.0] == pytest.approx(serial, rel=1e-9 if model is predict else 0.1)
-        assert model(spec, serial_policy, "zigzag", hw.replace(overlap_contention=1.0), 128,
-                     8).generation_throughput == serial
-    terms = predict(spec, policy, "zigzag", hw.replace(overlap_contention=1.0), 128, 8).terms
+        assert model(serial_job.replace(profile=hw.replace(overlap_contention=1.0))
+                     ).generation_throughput == serial
+    terms = predict(job.replace(profile=hw.replace(overlap_contention=1.0))).terms
     assert terms["decode"]["contention"] > 0
