@@ -6,7 +6,7 @@ activations (share x total), compute-side slots for offloaded weights, cache sta
 bounce buffers, activation slots, and the largest step's intermediates (engine/workspace.py).
 Compressed weights and cache count their packed sizes, plus the dequantised copies.
 
-    >>> peak = memory_terms(spec, policy, prompt_len=512, gen_len=32, dtype_bytes=2)
+    >>> peak = memory_terms(Job(spec, policy, "zigzag", None, prompt_len=512, gen_len=32))
     >>> peak["gpu"].at(policy)     # bytes
 """
 

@@ -7,7 +7,7 @@ the past prefix and stores one row (not at the last token); delegation moves onl
 rows and the output; activations go home after every layer. Sparse attention on a disk cache
 reads the union of chosen positions, which depends on the data: it is not modelled here.
 
-    >>> link_bytes(spec, policy, "zigzag", prompt_len=512, gen_len=32, dtype_bytes=2)
+    >>> link_bytes(Job(spec, policy, "zigzag", None, prompt_len=512, gen_len=32))
     {"prefill": {"cpu_to_gpu": ..., ...}, "decode": {...}}
 """
 
@@ -58,8 +58,6 @@ def _part_tier_bytes(spec: ModelSpec, part: str, share: Placement, dtype: torch.
 
 
 WINDOWS = ("embed", "layer", "last", "head")  # whose compute a transfer overlaps, see below
-
-
 
 
 def link_bytes(job: Job) -> dict[str, dict[str, int]]:
