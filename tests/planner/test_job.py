@@ -35,7 +35,10 @@ def test_a_jobs_prompts_are_whole_blocks_and_scale_what_it_moves(policy, blocks)
 
 def test_a_part_block_is_not_counted_and_with_policy_keeps_the_rest():
     job = Job(SPEC, _policy(), "row_by_row", profile("t4-paper"), 8, 4, 2, num_prompts=11)
-    assert job.blocks == 11 // job.policy.block_size  # the engine runs whole blocks
+    whole = job.replace(num_prompts=job.policy.block_size)  # 8: the 3 left over move nothing
+    assert (job.prompts, job.blocks) == (11, 1)
+    assert link_bytes(job) == link_bytes(whole)
+    assert predict(job).num_prompts == 11  # as before the Job: the count is reported as given
     other = job.with_policy(_policy(gpu_batch_size=2))
     assert (other.spec, other.schedule, other.profile, other.prompt_len, other.gen_len,
             other.dtype_bytes, other.num_prompts) == (
