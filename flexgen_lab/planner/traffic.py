@@ -27,7 +27,7 @@ from flexgen_lab.engine.transfer import LINKS
 from flexgen_lab.engine.weight_homes import stored_forms
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import loaded_shapes, part_names
-from flexgen_lab.planner.job import WHOLE_MODEL, Ends, Job
+from flexgen_lab.planner.job import Ends, Job
 from flexgen_lab.units import FLOAT_OF_SIZE, ceil_div
 
 
@@ -86,17 +86,15 @@ def window_bytes(job: Job, kinds: tuple[str, ...] = ("weights", "cache", "activa
     embedding's output goes home only where the embedding runs, and the head loads its
     input only where the head runs.
     """
-    spec, policy, s, n = job.spec, job.policy, job.prompt_len, job.gen_len
-    dtype = FLOAT_OF_SIZE[job.dtype_bytes]
     unit = _copies if requests else Counter
     moved = {phase: {w: Counter() for w in WINDOWS} for phase in ("prefill", "decode")}
     if "weights" in kinds:
-        _weights(moved, spec, policy, job.schedule, n, dtype, unit, job.ends)
-    for k in range(policy.num_gpu_batches):
+        _weights(moved, job, unit)
+    for k in range(job.policy.num_gpu_batches):
         if "cache" in kinds:
-            _cache(moved, spec, policy, k, s, n, dtype, unit)
+            _cache(moved, job, k, unit)
         if "activations" in kinds:
-            _activations(moved, spec, policy, k, s, n, dtype, unit, job.ends)
+            _activations(moved, job, k, unit)
     return {phase: {w: {link: counts[link] * job.blocks for link in LINKS}
                     for w, counts in by_window.items()} for phase, by_window in moved.items()}
 
@@ -112,9 +110,10 @@ def stage_windows(spec: ModelSpec, ends: Ends) -> list[str]:
             *["head"][:ends[1]]]
 
 
-def _weights(moved, spec, policy, schedule, gen_len, dtype, unit=Counter,
-             ends: Ends = WHOLE_MODEL) -> None:
-    loads = 1 if schedule == "zigzag" else policy.num_gpu_batches
+def _weights(moved, job: Job, unit=Counter) -> None:
+    spec, policy, gen_len, ends = job.spec, job.policy, job.gen_len, job.ends
+    dtype = FLOAT_OF_SIZE[job.dtype_bytes]
+    loads = 1 if job.schedule == "zigzag" else policy.num_gpu_batches
     parts = weight_tier_bytes(spec, policy, dtype)
     parts = parts[(not ends[0]):len(parts) - (not ends[1])]
     windows = stage_windows(spec, ends)
@@ -134,10 +133,12 @@ def _per_layer(moved_phase: dict, part: Counter, spec: ModelSpec) -> None:
     _add(moved_phase["last"], part)
 
 
-def _cache(moved, spec, policy, k, prompt_len, gen_len, dtype, unit=Counter) -> None:
+def _cache(moved, job: Job, k: int, unit=Counter) -> None:
     """Batch k's cache traffic, op by op (an op moves every off-gpu segment of the batch).
     Summed over decode tokens in closed form where an op's bytes are constant or linear in
     the past length (the search evaluates this hundreds of times per model)."""
+    spec, policy, prompt_len, gen_len = job.spec, job.policy, job.prompt_len, job.gen_len
+    dtype = FLOAT_OF_SIZE[job.dtype_bytes]
     rows = cache_rows(spec, policy, k, dtype)
     if not rows or gen_len < 2:
         return
@@ -257,10 +258,11 @@ def hidden_move(tier: str, nbytes: int, store: bool) -> Counter:
     return moved
 
 
-def _activations(moved, spec, policy, k, prompt_len, gen_len, dtype, unit=Counter,
-                 ends: Ends = WHOLE_MODEL) -> None:
+def _activations(moved, job: Job, k: int, unit=Counter) -> None:
     """Batch k's activation traffic, op by op (an op moves every off-gpu segment); every
     decode token moves the same, so it is counted once and multiplied."""
+    spec, policy, prompt_len, gen_len = job.spec, job.policy, job.prompt_len, job.gen_len
+    dtype, ends = FLOAT_OF_SIZE[job.dtype_bytes], job.ends
     homes = activation_rows(spec, policy, k, dtype)
     if not homes:
         return
@@ -285,15 +287,17 @@ class OpTraffic:
     A compute op carries what its attention moves itself (delegation's q, rows and output;
     sparse value gathers). Summed over a run's ops this equals `link_bytes`.
 
-        >>> traffic = OpTraffic(spec, policy, prompt_len=512, gen_len=32, dtype_bytes=2)
+        >>> traffic = OpTraffic(Job(spec, policy, "zigzag", None, prompt_len=512, gen_len=32))
         >>> traffic(Op("load_weight", 1, 3, 0))
         Counter({'cpu_to_gpu': ..., 'disk_to_cpu': ...})
     """
 
-    def __init__(self, spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
-                 dtype_bytes: int):
-        dtype = FLOAT_OF_SIZE[dtype_bytes]
-        self.spec, self.policy, self.prompt_len, self.gen_len = spec, policy, prompt_len, gen_len
+    def __init__(self, job: Job):
+        """Reads the job's spec, policy, lengths and element size (its schedule only orders
+        the ops, which the caller streams; its profile is not needed)."""
+        spec, policy, dtype = job.spec, job.policy, FLOAT_OF_SIZE[job.dtype_bytes]
+        self.spec, self.policy, self.prompt_len = spec, policy, job.prompt_len
+        self.gen_len = job.gen_len
         self.parts = weight_tier_bytes(spec, policy, dtype)
         self.cache = [cache_rows(spec, policy, k, dtype) for k in range(policy.num_gpu_batches)]
         self.acts = [activation_rows(spec, policy, k, dtype)

@@ -189,7 +189,7 @@ class OpCosts:
         self.spec, self.policy, self.profile = spec, policy, job.profile
         self.zigzag = job.schedule == "zigzag"
         self.prompt_len, self.dtype_bytes = job.prompt_len, job.dtype_bytes
-        self.traffic = OpTraffic(spec, policy, job.prompt_len, job.gen_len, job.dtype_bytes)
+        self.traffic = OpTraffic(job)
         split = split_units(policy.block_size, policy.cache)
         self.cpu_rows = [sum(b - a for tier, (a, b) in
                              batch_ranges(split, k, policy.gpu_batch_size).items()

@@ -124,8 +124,8 @@ def test_dequantisation_is_read_from_the_table_where_it_has_it():
 @given(policies(max_batch_size=4, max_batches=3), st.sampled_from(("zigzag", "row_by_row")))
 def test_copies_per_window_are_the_ops_that_move_bytes(policy, schedule):
     spec, s, n = ModelSpec.from_name("opt-tiny"), 5, 4
-    copies = window_bytes(Job(spec, policy, schedule, None, s, n, 4), requests=True)
-    traffic = OpTraffic(spec, policy, s, n, 4)
+    job = Job(spec, policy, schedule, None, s, n, 4)
+    copies, traffic = window_bytes(job, requests=True), OpTraffic(job)
     counted = {"prefill": Counter(), "decode": Counter()}
     for op in schedules.ops(schedule, n, spec.num_layers + 2, policy.num_gpu_batches):
         for link, nbytes in traffic(op).items():
