@@ -17,9 +17,10 @@ decode attention) with random weights over a grid of sizes fixed here, before an
     dequant_embed     part, at the model's own shapes; the rate depends on the shape by 2-4x
     dequant_head      on a CPU, so one bytes/s figure misses it)
     dequant_cache     dequantising past keys and values: size = batch x keys
+    quant_cache       quantising the keys and values a step stores: size = batch x tokens
 
-The dequant operators are measured at 4 bits in groups of 64 (the paper's setting) and are
-optional in a stored table: without them the cost model uses the profile's dequant_rate.
+The compression operators are measured at 4 bits in groups of 64 (the paper's setting) and
+are optional in a stored table: without them the cost model uses the profile's dequant_rate.
 
 Each op's grid is powers of two, cut where one call passes MAX_CALL_S (the rest is
 extrapolated at the last point's rate). A profile stores tables keyed by shape (`shape_key`),
@@ -47,7 +48,8 @@ from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import loaded_shapes
 
 OPS = ("dense", "attention_decode", "attention_prefill", "head", "embed")
-DEQUANT_OPS = ("dequant_layer", "dequant_embed", "dequant_head", "dequant_cache")
+COMPRESSION_OPS = ("dequant_layer", "dequant_embed", "dequant_head", "dequant_cache",
+                   "quant_cache")
 MIN_SAMPLE_S = 0.05  # short calls are repeated until they add up to this
 MAX_CALL_S = 0.5  # a grid stops growing past a call this long: beyond it time is linear
 GRID_EXPONENTS = {  # log2 of the sizes measured per op (full grid; quick takes every other)
@@ -58,6 +60,7 @@ GRID_EXPONENTS = {  # log2 of the sizes measured per op (full grid; quick takes 
     "embed": range(0, 13),
     "dequant_layer": range(0, 1), "dequant_embed": range(0, 1), "dequant_head": range(0, 1),
     "dequant_cache": range(5, 18),  # batch x keys, as attention_decode
+    "quant_cache": range(0, 13),  # batch x tokens, as dense
 }
 DEQUANT_CONFIG = (4, 64)  # bits, group size
 
@@ -107,7 +110,7 @@ class OpTable:
         if missing:
             raise ValueError(f"operator table without {', '.join(missing)}; expected {OPS}")
         return OpTable({op: tuple(sorted((float(s), float(t)) for s, t in data[op]))
-                        for op in (*OPS, *DEQUANT_OPS) if op in data})
+                        for op in (*OPS, *COMPRESSION_OPS) if op in data})
 
 
 def _fastest_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
@@ -188,9 +191,10 @@ class _Operators:
         return lambda: self.family.embed(self.spec, self.embed_w, ids, positions)
 
 
-class _Dequantisers:
-    """What the engine dequantises, at the model's shapes (weight_homes.compute_view: each
-    compressed matrix of a part; cache_homes.unpack: past keys and values)."""
+class _Compressors:
+    """What the engine dequantises and quantises, at the model's shapes
+    (weight_homes.compute_view: each compressed matrix of a part; cache_homes.unpack: past
+    keys and values; cache_homes.stored: the keys and values a step stores)."""
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
         self.spec, self.dtype, self.device = spec, dtype, device
@@ -220,17 +224,24 @@ class _Dequantisers:
         work = torch.empty_like(rows)  # cache_io copies the past into its dequant buffer
         return lambda: [work.copy_(compress.dequantize(packed)) for _ in "kv"]
 
+    def quant_cache(self, size: int) -> Callable[[], object]:
+        s = self.spec
+        rows = torch.randn(size, 1, s.num_kv_heads, s.head_dim, dtype=self.dtype,
+                           device=self.device)
+        config = compress.CompressionConfig(*DEQUANT_CONFIG, -1)
+        return lambda: [compress.quantize(rows, config) for _ in "kv"]
+
 
 def measure_table(spec: ModelSpec, dtype: torch.dtype, device: torch.device, quick: bool,
                   progress: Callable[[str], None] | None = None) -> OpTable:
     """Time every operator over its grid (median of a few calls after a warm-up)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     operators, repeats = _Operators(spec, dtype, device), 2 if quick else 3
-    dequantisers = _Dequantisers(spec, dtype, device)
+    compressors = _Compressors(spec, dtype, device)
     points = {}
     with torch.inference_mode():
-        for op in (*OPS, *DEQUANT_OPS):
-            source = dequantisers if op in DEQUANT_OPS else operators
+        for op in (*OPS, *COMPRESSION_OPS):
+            source = compressors if op in COMPRESSION_OPS else operators
             exponents = list(GRID_EXPONENTS[op])[:: 2 if quick else 1]
             points[op] = []
             for e in exponents:

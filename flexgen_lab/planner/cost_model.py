@@ -100,7 +100,8 @@ def step_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, part
                 [matrix bytes (compressed weights, unless dequant_weights is false: the
                 engine dequantises a part once per (token, layer), so in zig-zag only a
                 block's first GPU batch pays it) + 2 rows (keys - 1) kv_dim dtype_bytes
-                (compressed cache, decode)] / dequant_rate
+                (compressed cache, decode) + 2 rows tokens kv_dim dtype_bytes (compressed
+                cache: quantising what the step stores)] / dequant_rate
     overhead  = step_overhead_s (launches and bookkeeping per step)
     Every term is (piecewise) linear in keys and cpu_rows, so a sum of steps is about one
     call at the mean.
@@ -116,28 +117,41 @@ def step_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, part
     if cpu_rows and part == "layer":
         cpu = profile.cpu_flops_for(policy.gpu_batch_size, spec.hidden)
         out["cpu_attention"] = cpu_rows * attention_flops(spec, 1, keys) / cpu
-    out["dequant"] = dequant_seconds(spec, policy, profile, table, part, rows, keys, phase,
-                                     dtype_bytes, dequant_weights)
+    out["dequant"] = dequant_seconds(spec, policy, profile, table, part, rows, tokens, keys,
+                                     phase, dtype_bytes, dequant_weights)
     return out
 
 
 def dequant_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile,
-                    table: OpTable | None, part: str, rows: int, keys: float, phase: str,
-                    dtype_bytes: int, dequant_weights: bool) -> float:
+                    table: OpTable | None, part: str, rows: int, tokens: int, keys: float,
+                    phase: str, dtype_bytes: int, dequant_weights: bool) -> float:
     """Dequantising a part's compressed weights and, in decode, a layer's compressed past
-    keys and values: the operator table's times at the model's shapes where it has them,
-    else bytes written / the profile's dequant_rate (0 without one)."""
+    keys and values, and quantising the keys and values a layer stores (rows x tokens):
+    the operator table's times at the model's shapes where it has them, else bytes
+    (un)packed / the profile's dequant_rate (0 without one)."""
     weights = policy.compress_weight and dequant_weights
-    cache = policy.compress_cache and part == "layer" and phase == "decode"
+    cache = policy.compress_cache and part == "layer"
+    past = cache and phase == "decode"
     if table is not None and table.has(f"dequant_{part}"):
         return ((table.seconds(f"dequant_{part}", 1) if weights else 0.0)
-                + (table.seconds("dequant_cache", rows * (keys - 1)) if cache else 0.0))
+                + (table.seconds("dequant_cache", rows * (keys - 1)) if past else 0.0)
+                + (quant_cache_seconds(table, profile, spec, rows * tokens, dtype_bytes)
+                   if cache else 0.0))
     if not profile.dequant_rate:
         return 0.0
     unpacked = matrix_bytes(spec, part, dtype_bytes) if weights else 0
-    if cache:
-        unpacked += 2 * rows * (keys - 1) * spec.kv_dim * dtype_bytes
-    return unpacked / profile.dequant_rate
+    cache_rows = rows * ((keys - 1 if past else 0) + (tokens if cache else 0))
+    return (unpacked + 2 * cache_rows * spec.kv_dim * dtype_bytes) / profile.dequant_rate
+
+
+def quant_cache_seconds(table: OpTable, profile: HardwareProfile, spec: ModelSpec,
+                        token_rows: int, dtype_bytes: int) -> float:
+    """Quantising a step's stored keys and values: the table's time, or for a table stored
+    before it had the op, their bytes / dequant_rate."""
+    if table.has("quant_cache"):
+        return table.seconds("quant_cache", token_rows)
+    stored = 2 * token_rows * spec.kv_dim * dtype_bytes
+    return stored / profile.dequant_rate if profile.dequant_rate else 0.0
 
 
 def table_terms(table: OpTable, part: str, rows: int, tokens: int, keys: float,

@@ -26,7 +26,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from flexgen_lab.engine.policy import Policy
-from flexgen_lab.hardware.op_table import DEQUANT_OPS
+from flexgen_lab.hardware.op_table import COMPRESSION_OPS
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.planner.cost_model import predict
@@ -48,7 +48,7 @@ SPEED_GROUPS = {
 TABLE_GROUPS = {"op_dense": ("dense", "embed"),
                 "op_attention": ("attention_decode", "attention_prefill"),
                 "op_head": ("head",),
-                "op_dequant": DEQUANT_OPS}
+                "op_dequant": COMPRESSION_OPS}
 OVERHEAD_RANGE = (1e-7, 0.1)  # seconds per compute step
 STARTING_OVERHEADS = (1e-6, 1e-4, 1e-3)
 PRIOR_WEIGHT = 0.03  # pull of log(factor) towards 0 (the micro-benchmark), per factor

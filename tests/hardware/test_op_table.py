@@ -15,7 +15,7 @@ from flexgen_lab.engine import schedule as schedules
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.engine.transfer import LINKS, phase_of
 from flexgen_lab.hardware.op_table import (
-    DEQUANT_OPS,
+    COMPRESSION_OPS,
     OPS,
     OpTable,
     measure_table,
@@ -59,7 +59,7 @@ def test_lookup_is_exact_on_the_grid_linear_between_and_proportional_beyond(poin
 def test_a_measured_table_covers_every_operator_at_the_models_shapes():
     spec = ModelSpec.from_name("llama-tiny")
     measured = measure_table(spec, torch.float32, torch.device("cpu"), quick=True)
-    assert set(measured.points) == set(OPS) | set(DEQUANT_OPS)
+    assert set(measured.points) == set(OPS) | set(COMPRESSION_OPS)
     for op, points in measured.points.items():
         sizes = [s for s, _ in points]
         assert sizes == sorted(sizes) and all(s & (s - 1) == 0 for s in map(int, sizes)), op
@@ -93,26 +93,30 @@ def test_the_cost_model_reads_the_table_of_the_models_shapes():
 def test_dequantisation_is_read_from_the_table_where_it_has_it():
     """Compressed weights and cache cost the table's dequant times at the model's shapes
     (one layer's matrices per (token, layer) in zig-zag; past keys and values per decode
-    step); a table stored before those operators existed falls back to dequant_rate."""
+    step; the stored keys and values quantised per step and GPU batch); a table stored
+    before those operators existed falls back to dequant_rate."""
     spec, hw = ModelSpec.from_name("opt-125m"), profile("t4-paper")
     old = OpTable.from_json({op: [[1, 1e-3]] for op in OPS})
     assert not old.has("dequant_layer")
     layer_s, per_row_key = 0.25, 1e-6
     dequant = {"dequant_layer": ((1.0, layer_s),), "dequant_embed": ((1.0, 0.5),),
                "dequant_head": ((1.0, 0.75),),
-               "dequant_cache": ((1.0, per_row_key), (2.0**20, 2.0**20 * per_row_key))}
+               "dequant_cache": ((1.0, per_row_key), (2.0**20, 2.0**20 * per_row_key)),
+               "quant_cache": ((1.0, 1e-3), (64.0, 4e-3))}
     new = OpTable({**old.points, **dequant})
     policy = Policy(gpu_batch_size=4, num_gpu_batches=2, weights=Placement(0, 1),
                     compress_weight=True, compress_cache=True)
     s, n = 16, 3
     job = Job(spec, policy, "zigzag", hw, s, n)
     terms = predict(job.replace(profile=hw.replace(op_tables={shape_key(spec, 2): new}))).terms
-    assert terms["prefill"]["dequant"] == pytest.approx(
-        spec.num_layers * layer_s + 0.5 + 0.75)  # once per part: the block's first batch
+    stores = spec.num_layers * 2  # every (layer, GPU batch) quantises what it stores
+    assert terms["prefill"]["dequant"] == pytest.approx(  # weights once per part: 1st batch
+        spec.num_layers * layer_s + 0.5 + 0.75 + stores * 4e-3)  # 4 x 16 rows: 64
     mean_keys = s + (n - 1) / 2  # decode steps see s .. s + n - 2 past positions
     cache = spec.num_layers * 2 * (n - 1) * 4 * (mean_keys - 0.5) * per_row_key
+    quant = stores * (n - 1) * (1e-3 + 3 * 3e-3 / 63)  # 4 rows, between the grid points
     assert terms["decode"]["dequant"] == pytest.approx(
-        (n - 1) * (spec.num_layers * layer_s + 0.5 + 0.75) + cache, rel=0.02)
+        (n - 1) * (spec.num_layers * layer_s + 0.5 + 0.75) + cache + quant, rel=0.02)
     fallback = predict(job.replace(profile=hw.replace(
         op_tables={shape_key(spec, 2): old}))).terms
     without = predict(job.replace(profile=hw.replace(
