@@ -5,6 +5,7 @@ weights and runs block after block).
 
 from __future__ import annotations
 
+import itertools
 import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
@@ -69,16 +70,15 @@ class BlockRun:
         self.attention = CacheAttention(self.cache_io, p.attn_sparsity, p.attn_renormalize)
         self.executor = Executor(p.overlap, engine.io_workers, trace=self._trace, origin=origin)
         self.batch_base = batch_base
-        # a pipeline stage's hidden inputs from the stage before, and outputs for the next,
-        # by GPU batch (pipeline/stage_run.py fills and empties them around run_token)
-        self.inbox: dict[int, torch.Tensor] = {}
-        self.outbox: dict[int, torch.Tensor] = {}
         # one future per buffer, keyed as the simulator keys them (dependencies.py); each
         # returns what it brought: a part's weights, a cache slot, a batch's hidden input
         self.futures: dict[deps.Key, Future] = {}
         self.pending: dict[tuple[int, int], dict] = {}  # computed cache rows, to store
         self.outputs: dict[int, torch.Tensor] = {}  # computed hidden outputs, to store
-        self.counts = {"weight_loads": 0, "cache_loads": 0, "stores": 0, "hidden_loads": 0}
+        # each kind of transfer takes its buffers in turn (double buffering)
+        self.slots = {"load_weight": itertools.cycle(range(engine.weights.num_slots)),
+                      **{kind: itertools.cycle(range(2))
+                         for kind in ("load_cache", "load_hidden", "store_cache")}}
         self.last_store: Future | None = None
         self.event = None  # CUDA event after the latest compute (None on the CPU)
         self._check_workspace()
@@ -129,26 +129,20 @@ class BlockRun:
         if self.e.weights.parts[index].resident:
             self.futures[fills(op)] = done(None)  # compute reads the homes
             return
-        slot = self.counts["weight_loads"] % self.e.weights.num_slots
-        self.counts["weight_loads"] += 1
+        slot = next(self.slots[op.kind])
         self._submit(op, lambda: self.e.weights.load(index, slot, self.links, op.token))
 
     def load_cache(self, op) -> None:
         layer = op.layer - 1
         if list(self.cache.segments[(layer, op.batch)]) == ["gpu"]:
             return  # read in place: nothing to move
-        slot = self.counts["cache_loads"] % 2
-        self.counts["cache_loads"] += 1
+        slot = next(self.slots[op.kind])
         self._submit(op, lambda: (self.cache_io.load(op.token, layer, op.batch, slot,
                                                       self.links), slot)[1])
 
     def load_hidden(self, op) -> None:
-        slot = self.counts["hidden_loads"] % 2
-        self.counts["hidden_loads"] += 1
+        slot = next(self.slots[op.kind])
         tokens = self.batches[op.batch].window(op.token)[1]
-        if op.layer == self.e.parts.start:  # a pipeline stage's input, received whole
-            self.futures[fills(op)] = done(self.inbox.pop(op.batch))
-            return
         fn = lambda: self.acts.load(op.batch, tokens, self.links, op.token, slot)  # noqa: E731
         if self.acts.resident:  # the output is still on the device: nothing to move
             self.futures[fills(op)] = done(fn())
@@ -201,16 +195,12 @@ class BlockRun:
         if not pending:
             return
         start = self.batches[op.batch].window(op.token)[0]
-        slot = self.counts["stores"] % 2
-        self.counts["stores"] += 1
+        slot = next(self.slots[op.kind])
         self._submit(op, lambda: self.cache_io.store(layer, op.batch, start, pending, slot,
                                                      self.links, op.token))
 
     def store_hidden(self, op) -> None:
         x = self.outputs.pop(op.batch)
-        if op.layer == self.e.parts.stop - 1:  # a pipeline stage's output, sent on whole
-            self.outbox[op.batch] = x
-            return
         if self.acts.resident:
             self.acts.store(op.batch, x, self.links, op.token)
             return
@@ -236,18 +226,7 @@ class BlockRun:
                      "end_s": end - self.executor.origin})
 
 
-    # --- the rest: a pipeline's token step, the stores' end, tracing, closing ---------
-
-    def run_token(self, token: int) -> None:
-        """One token step of this process's parts for every GPU batch (a pipeline stage's
-        share of the step): the op stream cut to that token, waited out to its last store, so
-        the next micro-block's step starts with nothing in flight."""
-        stream = schedule.ops(self.e.schedule, self.gen_len, self.e.spec.num_layers + 2,
-                              len(self.batches), self.e.parts, token)
-        for op in stream:
-            getattr(self, op.kind)(op)
-        self._wait_stores()
-        self.e.weights.release_view()
+    # --- the rest: the workspace check, the stores' end, tracing, closing -------------
 
     def _check_workspace(self) -> None:
         """Fail before generating if the largest step's intermediates cannot fit."""

@@ -2,7 +2,7 @@
 
 The prompts go in waves of `micro_blocks` blocks (a block = gpu_batch_size x num_gpu_batches
 sequences, as in the single-process engine). For each token step, a stage runs its parts of
-every micro-block in turn (BlockRun.run_token): it receives the micro-block's activations
+every micro-block in turn (StageBlockRun.run_token): it receives the micro-block's activations
 from the stage before, computes, and sends its output on without waiting for it to be taken,
 so stage s works on micro-block m while stage s + 1 works on m - 1 (the paper's inner
 iterations). The last stage picks the tokens and sends them back to stage 0, which embeds
@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexgen_lab.engine import cuda_sync
+from flexgen_lab.engine import cuda_sync, schedule
 from flexgen_lab.engine.batch import Sampling
 from flexgen_lab.engine.block_run import BlockRun, block_generator
+from flexgen_lab.engine.dependencies import fills
 from flexgen_lab.engine.engine import Engine
-from flexgen_lab.engine.transfer import Links
+from flexgen_lab.engine.transfer import Links, done
 from flexgen_lab.pipeline.comm import HIDDEN, TOKENS, StageComm
 
 
@@ -41,6 +42,39 @@ class StageReport:
     peak_rss_bytes: int | None = None
     output_ids: torch.Tensor | None = None  # the last stage's (num_prompts, gen_len)
     trace: list[dict] = field(default_factory=list)
+
+
+class StageBlockRun(BlockRun):
+    """A micro-block's run on one stage: its first part's input comes from the stage before
+    and its last part's output goes to the next, whole, through an inbox and an outbox keyed
+    by GPU batch (filled and emptied by _step around each token step)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.inbox: dict[int, torch.Tensor] = {}
+        self.outbox: dict[int, torch.Tensor] = {}
+
+    def load_hidden(self, op) -> None:
+        if op.layer != self.e.parts.start:
+            return super().load_hidden(op)
+        next(self.slots[op.kind])  # the slots keep their turns as in a single process
+        self.futures[fills(op)] = done(self.inbox.pop(op.batch))
+
+    def store_hidden(self, op) -> None:
+        if op.layer != self.e.parts.stop - 1:
+            return super().store_hidden(op)
+        self.outbox[op.batch] = self.outputs.pop(op.batch)
+
+    def run_token(self, token: int) -> None:
+        """One token step of this stage's parts for every GPU batch: the op stream cut to
+        that token, waited out to its last store, so the next micro-block's step starts with
+        nothing in flight."""
+        stream = schedule.ops(self.e.schedule, self.gen_len, self.e.spec.num_layers + 2,
+                              len(self.batches), self.e.parts, token)
+        for op in stream:
+            getattr(self, op.kind)(op)
+        self._wait_stores()
+        self.e.weights.release_view()
 
 
 def generate_stage(engine: Engine, comm: StageComm, input_ids: torch.Tensor,
@@ -65,7 +99,7 @@ def generate_stage(engine: Engine, comm: StageComm, input_ids: torch.Tensor,
                 batches = engine.block_batches(input_ids, attention_mask, start, gen_len,
                                                sampling)
                 generator = block_generator(sampling, start // block)
-                runs.append(BlockRun(engine, batches, gen_len, sampling, generator, links,
+                runs.append(StageBlockRun(engine, batches, gen_len, sampling, generator, links,
                                      origin, (start // block) * len(batches), f"mb{m}_"))
             _run_wave(engine, comm, runs, gen_len, phase, network)
         finally:
@@ -82,7 +116,7 @@ def generate_stage(engine: Engine, comm: StageComm, input_ids: torch.Tensor,
                        output_ids=torch.cat(outputs) if comm.last else None)
 
 
-def _run_wave(engine: Engine, comm: StageComm, runs: list[BlockRun], gen_len: int,
+def _run_wave(engine: Engine, comm: StageComm, runs: list[StageBlockRun], gen_len: int,
               phase: list[float], network: dict[str, int]) -> None:
     mark = _clock(engine.device)
     for i in range(gen_len):
@@ -94,7 +128,7 @@ def _run_wave(engine: Engine, comm: StageComm, runs: list[BlockRun], gen_len: in
         mark = now
 
 
-def _step(engine: Engine, comm: StageComm, run: BlockRun, i: int, gen_len: int) -> int:
+def _step(engine: Engine, comm: StageComm, run: StageBlockRun, i: int, gen_len: int) -> int:
     """Token step i of one micro-block on this stage; returns the bytes it sent."""
     batches, b = run.batches, engine.policy.gpu_batch_size
     if not comm.first:
