@@ -26,7 +26,13 @@ llamacpp   llama.cpp (llama-cpp-python) against ours resident on the same weight
            F32 / BF16 GGUF); tokens compared with ours. SmolLM2's own Q4_1 file is reported as
            "llama.cpp Q4_1 kernels vs dequantised" (ours computes on the dequantised weights).
 
-The full run takes about an hour on 2 cores; --quick about 20 minutes.
+--quick takes about 20 minutes on 2 cores (measured). The full run is estimated at about 7
+hours, nearly all of it the capped part (from measured figures at prompt 128: ~1.5 s of prefill
+per sequence, x4 at prompt 512, and 3.5-11 s per decode step from batch 1 to 64; batches
+1+4+16+32+64 = 117 sequences, 15 decode steps, 7 generations per system for warm and cold,
+3 systems): ~4 h of prefill and ~3 h of decode. It has not been run whole. Run it in parts
+with --only, --batches and --systems, e.g. `--only capped --batches 32 64 --systems accelerate
+direct`.
 """
 
 from __future__ import annotations
@@ -156,10 +162,17 @@ def capped_systems(batch: int, limit: int, dtype: str, prompt_len: int,
     ours = {"system": "ours", "w_gpu": 0.2, "w_cpu": 0.0, "gpu_batch_size": gbs}
     if ours_accounted(ours, batch, dtype, prompt_len, gen_len) + RUNTIME_BYTES > limit:
         ours.update(cache=(0.0, 0.0), activations=(0.0, 0.0))
-    return {"transformers (in memory)": {"system": "hf"},
-            "Accelerate (rest on its disk)": {"system": "accelerate", "compute_share": 0.2},
-            "ours disk (direct)": {**ours, "disk_io": "direct"},
-            "ours disk (buffered)": {**ours, "disk_io": "buffered"}}
+    return dict(zip(CAPPED_LABELS, ({"system": "hf"},
+                                    {"system": "accelerate", "compute_share": 0.2},
+                                    {**ours, "disk_io": "direct"},
+                                    {**ours, "disk_io": "buffered"}), strict=True))
+
+
+# the capped systems' labels, and the short names --systems takes for them
+CAPPED_LABELS = ("transformers (in memory)", "Accelerate (rest on its disk)",
+                 "ours disk (direct)", "ours disk (buffered)")
+CAPPED_KEYS = ("transformers", "accelerate", "direct", "buffered")
+KEY_OF = dict(zip(CAPPED_LABELS, CAPPED_KEYS, strict=True))
 
 
 def ours_accounted(args: dict, batch: int, dtype: str, prompt_len: int, gen_len: int) -> int:
@@ -180,7 +193,8 @@ def ours_accounted(args: dict, batch: int, dtype: str, prompt_len: int, gen_len:
 
 
 def capped(dtype: str, batches: list[int], prompt_len: int, gen_len: int, threads: int,
-           cold: bool) -> None:
+           cold: bool, systems: list[str] = CAPPED_KEYS) -> None:
+    """systems: which of CAPPED_KEYS to run (all by default)."""
     limit = int(0.8 * model_bytes(dtype))
     base = {"model": MODEL, "dtype": dtype, "prompt_len": prompt_len, "gen_len": gen_len,
             "threads": threads, "offload_dir": OFFLOAD}
@@ -192,6 +206,8 @@ def capped(dtype: str, batches: list[int], prompt_len: int, gen_len: int, thread
         for batch in batches:
             for label, args in capped_systems(batch, limit, dtype, prompt_len,
                                                gen_len).items():
+                if KEY_OF[label] not in systems:
+                    continue
                 if args["system"] == "hf" and batch > batches[0]:
                     continue  # it did not fit at the smallest batch
                 for cache in ("warm", "cold") if cold else ("warm",):
@@ -300,6 +316,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=["uncapped", "capped", "llamacpp"],
                         default=["uncapped", "capped", "llamacpp"])
     parser.add_argument("--model", default=MODEL, help="a smaller preset for a smoke run")
+    parser.add_argument("--batches", nargs="+", type=int,
+                        help="the capped part's batch sizes (default 1 4 16 32 64; --quick 1 8)")
+    parser.add_argument("--systems", nargs="+", choices=CAPPED_KEYS, default=list(CAPPED_KEYS),
+                        help="the capped part's systems (default all)")
     args = parser.parse_args()
     MODEL = args.model
     threads = torch.get_num_threads()
@@ -312,9 +332,10 @@ def main() -> None:
                  [1, 4] if args.quick else [1, 4, 16], threads)
     if "capped" in args.only:
         if args.quick:
-            capped("float32", [1, 8], 128, 8, threads, cold=False)
+            capped("float32", args.batches or [1, 8], 128, 8, threads, False, args.systems)
         else:
-            capped("float32", [1, 4, 16, 32, 64], 512, 16, threads, cold=True)
+            capped("float32", args.batches or [1, 4, 16, 32, 64], 512, 16, threads, True,
+                   args.systems)
     if "llamacpp" in args.only:
         llamacpp(["float32"] if args.quick else ["float32", "bfloat16"], [1, 16], threads)
     print(f"\n({time.perf_counter() - start:.0f} s)")
