@@ -23,8 +23,9 @@ from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.engine.transfer import DEFAULT_IO_WORKERS, IO_THREADS
 from flexgen_lab.hardware.profile import HardwareProfile
 from flexgen_lab.models.spec import ModelSpec
-from flexgen_lab.planner.cost_model import flexgen_original, predict
+from flexgen_lab.planner.cost_model import predict
 from flexgen_lab.planner.job import Job
+from flexgen_lab.planner.original_cost_model import flexgen_original
 from flexgen_lab.planner.pipeline import (
     pipeline_prompts,
     predict_pipeline,

@@ -9,8 +9,9 @@ from flexgen_lab.config import ConfigError
 from flexgen_lab.engine.policy import Placement, Policy
 from flexgen_lab.hardware.profile import HardwareProfile, parse_rate
 from flexgen_lab.models.spec import ModelSpec
-from flexgen_lab.planner.cost_model import flexgen_original, flexgen_original_memory, predict
+from flexgen_lab.planner.cost_model import predict
 from flexgen_lab.planner.job import Job
+from flexgen_lab.planner.original_cost_model import flexgen_original, flexgen_original_memory
 
 
 def profile(name: str) -> HardwareProfile:
