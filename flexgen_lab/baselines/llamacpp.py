@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -73,14 +74,48 @@ def _quiet() -> None:
     _logger.set_verbose(False)
 
 
+def extra_buffers() -> bool:
+    """Whether llama.cpp may use its extra CPU buffer types (weights repacked for its AMX or
+    interleaved kernels). Not where its AMX path is active: there, on llama-cpp-python 0.3.36,
+    a Q4_1 file (SmolLM2's own) crashes in ggml_backend_amx_mul_mat with SIGSEGV at the first
+    llama_decode (measured on a Sapphire Rapids VM). Without them llama.cpp runs its ordinary
+    CPU kernels; F32/F16/BF16 files never use these buffers, so only quantised files differ."""
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()
+
+
+@contextmanager
+def _default_model_params(**fields):
+    """The high-level `Llama` takes its model parameters from llama_model_default_params()
+    and has no argument for use_extra_bufts: give it defaults with `fields` set, for the
+    duration of the construction only."""
+    import llama_cpp.llama_cpp as lc
+
+    default = lc.llama_model_default_params
+
+    def params():
+        p = default()
+        for name, value in fields.items():
+            setattr(p, name, value)
+        return p
+
+    lc.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lc.llama_model_default_params = default
+
+
 def generate_single(path, prompts: list[list[int]], gen_len: int, n_gpu_layers: int):
     """Batch 1 through the high-level API: (outputs, prefill_s, decode_s)."""
     from llama_cpp import Llama
 
     n_ctx = _round(max(map(len, prompts)) + gen_len)
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 2048),
-                n_threads=threads(), n_threads_batch=threads(), n_gpu_layers=n_gpu_layers,
-                seed=0, verbose=False)
+    with _default_model_params(use_extra_bufts=extra_buffers()):
+        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 2048),
+                    n_threads=threads(), n_threads_batch=threads(),
+                    n_gpu_layers=n_gpu_layers, seed=0, verbose=False)
     outputs, prefill_s, decode_s = [], 0.0, 0.0
     try:
         for prompt in prompts:
@@ -113,7 +148,7 @@ class _Context:
         self.lc = lc
         lc.llama_backend_init()
         mparams = lc.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
+        mparams.n_gpu_layers, mparams.use_extra_bufts = n_gpu_layers, extra_buffers()
         self.model = lc.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")

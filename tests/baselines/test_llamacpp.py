@@ -24,7 +24,7 @@ from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
 from flexgen_lab.results.store import ResultStore
 from flexgen_lab.workload import synthetic_prompts
-from tests.conftest import python_cli
+from tests.conftest import fetched, python_cli
 
 CPU = torch.device("cpu")
 UNLIMITED = {"gpu": 2**40, "cpu": 2**40, "disk": 2**40}
@@ -83,6 +83,21 @@ def test_cli_run_stores_the_row_and_the_engines_tokens(tmp_path):
     ids, mask = synthetic_prompts(spec, 4, 16, seed=0)
     ours = engine_tokens(spec, DummyWeights(spec, 0), ids, mask, 8).output_ids.tolist()
     assert [out_ids for _, _, out_ids in store.tokens(int(row.run_id))] == ours
+
+
+def test_a_quantised_file_runs_as_it_is(tmp_path):
+    """SmolLM2's own Q4_1 file, batch 1 and 2, in a child process: where llama.cpp's AMX path
+    is active its extra buffer types crashed with SIGSEGV on this file (extra_buffers())."""
+    need_llama_cpp()
+    path = fetched("smollm2-135m-instruct")
+    out = subprocess.run(python_cli("run", "system=llamacpp", "model=smollm2-135m-instruct",
+                                    f"model.path={path}", "workload=tiny", "workload.gen_len=4",
+                                    "policy.gpu_batch_size=2", "store.path=r.sqlite",
+                                    "engine.offload_dir=off"),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    row = ResultStore(tmp_path / "r.sqlite").runs().iloc[0]
+    assert row.status == "ok" and row.system == "llamacpp"
 
 
 def test_without_the_extra_exit_2_names_it(tmp_path, monkeypatch, capsys):
