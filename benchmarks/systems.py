@@ -3,10 +3,10 @@
     python -m benchmarks.systems '{"system": "accelerate", "model": "opt-1.3b", ...}'
 
 prints one JSON line: generation and decode token/s of each timed repeat (after a warm-up
-generation), the torch thread count, the achieved placement and peak RSS (anonymous and
-file-backed). The setup (exporting the checkpoint, building our weight cache) happens before
-the first generation and is not timed; every repeat is one generation, timed as the paper
-does (prefill = first token, decode = the rest).
+generation), the torch thread count, the achieved placement and the generations' peak RSS
+above the loaded model (anonymous and file-backed). The setup (exporting the checkpoint,
+building our weight cache) happens before the first generation and is not timed; every repeat
+is one generation, timed as the paper does (prefill = first token, decode = the rest).
 
 Systems:
   hf           transformers' generate, everything in memory

@@ -97,6 +97,12 @@ def fmt(result: dict, key: str = "generation_token_s") -> str:
     return f"{median(values):7.2f} (spread {max(values) - min(values):.2f})"
 
 
+def rss(result: dict) -> str:
+    """The generations' peak RSS above the loaded model (weights loaded before it starts)."""
+    return (f"peak RSS above the loaded model: anon {result['peak_rss_anon_bytes'] / 2**30:.2f}"
+            f" GiB, file {result['peak_rss_file_bytes'] / 2**30:.2f} GiB")
+
+
 def uncapped(dtypes: list[str], batches: list[int], threads: int) -> None:
     base = {"model": MODEL, "prompt_len": 64, "gen_len": 16, "threads": threads,
             "warmup": 1, "repeats": 3, "offload_dir": OFFLOAD}
@@ -118,9 +124,7 @@ def report_uncapped(dtype: str, batch: int, results: dict[str, dict]) -> None:
         if "killed" not in r:
             placed = ", ".join(f"{t} {s:.0%}" for t, s in r["weights"].items() if s)
             same = "tokens = transformers'" if r["tokens"] == ref else "TOKENS DIFFER"
-            extra = (f"  weights {placed}; {r['threads']} threads; peak RSS anon "
-                     f"{r['peak_rss_anon_bytes'] / 2**30:.2f} GiB, file "
-                     f"{r['peak_rss_file_bytes'] / 2**30:.2f} GiB; {same}")
+            extra = f"  weights {placed}; {r['threads']} threads; {rss(r)}; {same}"
             if acc_tput and label.startswith("ours"):
                 extra += f"; ours/Accelerate {median(r['generation_token_s']) / acc_tput:.2f}"
         print(f"  {label:30s} {fmt(r)}{extra}")
@@ -298,8 +302,7 @@ def report_llamacpp(what: str, batch: int, results: dict[str, dict], target=True
         extra = ""
         if "killed" not in r:
             extra = (f"  decode {median(r['decode_token_s']):.2f} token/s; {r['threads']} "
-                     f"threads; peak RSS anon {r['peak_rss_anon_bytes'] / 2**30:.2f} GiB, file "
-                     f"{r['peak_rss_file_bytes'] / 2**30:.2f} GiB")
+                     f"threads; {rss(r)}")
         print(f"  {label:30s} {fmt(r)}{extra}")
     if "killed" not in ours and "killed" not in cpp:
         same = "tokens = ours" if cpp["tokens"] == ours["tokens"] else "TOKENS DIFFER"
