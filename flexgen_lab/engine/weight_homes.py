@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from flexgen_lab.engine import compress
-from flexgen_lab.engine.disk import ALIGN
 from flexgen_lab.engine.placement import split_units
 from flexgen_lab.engine.policy import Placement
 from flexgen_lab.engine.split_array import SplitArray
@@ -114,10 +113,9 @@ class PartHome:
 
     def stage_bytes(self) -> int:
         """cpu-tier bytes needed to stage this part's disk rows on their way to the gpu (the
-        largest array's, plus a block of slack to match the file offset's alignment)."""
-        need = max((a.tier_bytes().get("disk", 0) for t in self.tensors.values()
-                    for a in t.arrays.values()), default=0)
-        return need + ALIGN if need else 0
+        largest array's need, split_array.stage_bytes)."""
+        return max((a.stage_bytes() for t in self.tensors.values() for a in t.arrays.values()),
+                   default=0)
 
 
 class WeightHomes:

@@ -22,6 +22,7 @@ from flexgen_lab.engine.compress import CompressionConfig, compressed_nbytes
 from flexgen_lab.engine.disk import ALIGN
 from flexgen_lab.engine.placement import batch_ranges, split_units
 from flexgen_lab.engine.policy import Placement, Policy
+from flexgen_lab.engine.split_array import STAGE_MAX, stage_bytes
 from flexgen_lab.engine.tiers import nbytes_of
 from flexgen_lab.engine.transfer import IO_THREADS
 from flexgen_lab.engine.weight_homes import slot_layout, stored_forms
@@ -134,8 +135,13 @@ def _weights(out, spec, policy, dtype, offloaded) -> None:
     if config is not None:  # a part's dequantised weights during its compute step
         out["gpu"].add(None, max(part_bytes(spec, p, dtype, None)[0]
                                  for p in ("embed", "layer", "head")))
+    # disk rows bounce through a cpu stage per slot, sized by the largest array's disk rows up
+    # to STAGE_MAX (split_array.stage_bytes): linear in wd below it, at most STAGE_MAX above
     stage = max(part_bytes(spec, p, dtype, config)[1] for p in ("embed", "layer", "head"))
-    out["cpu"].add("wd", 2 * stage)  # disk rows bounce through the cpu tier, one per slot
+    if stage <= STAGE_MAX:
+        out["cpu"].add("wd", 2 * stage)
+    else:
+        out["cpu"].add(None, 2 * STAGE_MAX)
     out["cpu"].add(None, 4 * ALIGN)
 
 
@@ -229,6 +235,7 @@ class StoredArray:
     nbytes: int
     tier_bytes: tuple[tuple[str, int], ...]
     compressed: bool
+    stage: int  # cpu-tier bytes that stage its disk rows (split_array.stage_bytes)
 
     @property
     def only_gpu(self) -> bool:
@@ -251,7 +258,8 @@ def _part_arrays(spec: ModelSpec, part: str, policy: Policy, dtype,
             tiers = tuple((tier, (min(b * rows_per_unit, array_shape[0]) - a * rows_per_unit)
                            * row_bytes)
                           for tier, (a, b) in split_units(units, policy.weights).ranges().items())
-            out.append(StoredArray(nbytes_of(array_shape, array_dtype), tiers, len(stored) > 1))
+            out.append(StoredArray(nbytes_of(array_shape, array_dtype), tiers, len(stored) > 1,
+                                   stage_bytes(dict(tiers).get("disk", 0), row_bytes)))
     return out
 
 
@@ -270,9 +278,7 @@ def _weight_items(spec: ModelSpec, policy: Policy, dtype) -> Counter:
             continue  # resident: compute reads the homes
         loading += count
         slot = max(slot, slot_layout([a.nbytes for a in arrays if not a.only_gpu])[1])
-        disk = max(dict(a.tier_bytes).get("disk", 0) for a in arrays)
-        if disk:
-            stage = max(stage, disk + ALIGN)  # slack to match a file offset's alignment
+        stage = max(stage, *(a.stage for a in arrays))
     slots = min(2, loading)
     out["gpu"] += slots * slot
     out["cpu"] += slots * stage

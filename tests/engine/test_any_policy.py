@@ -24,8 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from flexgen_lab.compose import load_profile
+from flexgen_lab.engine import split_array
 from flexgen_lab.engine.batch import Callbacks
 from flexgen_lab.engine.engine import Engine
 from flexgen_lab.engine.policy import Placement, Policy
@@ -139,6 +141,17 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(runs())
 def test_any_policy(run):
     check_run(run)
+
+
+@settings(max_examples=20, derandomize=True, database=None, **SETTINGS)
+@given(runs(), st.integers(1, 8192))
+def test_any_policy_with_disk_rows_staged_in_pieces(run, stage_max):
+    """Disk rows cross the cpu stage in pieces of at most split_array.STAGE_MAX bytes (64 MiB,
+    which these tiny models never reach): drawn small here, so pieces split arrays unevenly or
+    hold a single row, with the same tokens, bytes per link and peaks to the byte."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(split_array, "STAGE_MAX", stage_max)
+        check_run(run)
 
 
 @pytest.mark.fuzz
