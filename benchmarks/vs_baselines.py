@@ -15,9 +15,11 @@ uncapped   opt-1.3b (dummy weights), prompt 64, 16 new tokens: transformers in m
            Accelerate). Tokens of every system are compared with transformers'.
 capped     the regime FlexGen is for: every system in one memory cgroup below the model's
            size (benchmarks/memcap.py; the page cache counts), prompt 512 (128 with --quick),
-           each system at its best batch of those tried (ours with several GPU batches per
-           block, as FlexGen does), with a warm and (full run only) a cold page cache. A
-           system killed by the cap is reported as "does not fit".
+           each system at its best batch of those tried, with a warm and (full run only) a
+           cold page cache. Accelerate keeps --accelerate-share of the weights in memory (0.2);
+           ours fills the cap as FlexGen would (ours_capped: several GPU batches per block,
+           the cache in memory where it fits, then weights on the cpu tier while they fit).
+           A system killed by the cap is reported as "does not fit".
 
 llamacpp   llama.cpp (llama-cpp-python) against ours resident on the same weights, prompt
            64, 16 new tokens, batch 1 (its high-level API) and 16 (one batched llama_decode
