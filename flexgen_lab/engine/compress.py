@@ -186,15 +186,24 @@ def dequantize(c: Compressed, out: torch.Tensor | None = None) -> torch.Tensor:
                          f"expected {c.shape} and {c.dtype}")
     ax = _axis(len(c.shape), c.config)
     g, n, num_groups = c.config.group_size, c.shape[ax], c.scale_min.shape[ax]
-    codes = c.data.movedim(ax, -1)  # (*pre, *post, G * g * bits / 8)
-    lead = codes.shape[:-1]
-    if c.config.bits == 4:
-        codes = torch.stack([codes >> 4, codes & 0x0F], dim=-1)  # (..., G * g / 2, 2)
-    codes = codes.reshape(*lead, num_groups, g)  # (*pre, *post, G, g); lead may hold a 0
-    scale_min = c.scale_min.movedim((ax, ax + 1), (-2, -1)).float()  # (*pre, *post, G, 2)
-    scale, low = scale_min[..., 0:1], scale_min[..., 1:2]
-    x_hat = codes.float().div_(scale).add_(low)  # (*pre, *post, G, g)
-    x_hat = x_hat.reshape(*lead, num_groups * g)[..., :n].movedim(-1, ax)  # (*pre, n, *post)
+    # Work in the stored layout, (pre, G, g, post) with `post` contiguous: moving the group
+    # axis last (a transposed view) made every pass strided, 4-12x slower on a CPU.
+    pre, post = math.prod(c.shape[:ax]), math.prod(c.shape[ax + 1:])
+    if c.config.bits == 4:  # (pre, G, g/2, post) bytes -> (pre, G, g/2, 2, post) nibbles
+        packed = c.data.reshape(pre, num_groups, g // 2, 1, post)
+        codes = torch.cat([packed >> 4, packed & 0x0F], dim=3)
+    else:
+        codes = c.data
+    codes = codes.reshape(pre, num_groups, g, post)
+    scale_min = c.scale_min.reshape(pre, num_groups, 2, post).float()
+    in_place = (out is not None and out.dtype == torch.float32 and out.is_contiguous()
+                and num_groups * g == n)  # decode straight into `out`: no float32 temporary
+    x_hat = out.view(pre, num_groups, g, post) if in_place else torch.empty(
+        codes.shape, dtype=torch.float32, device=codes.device)
+    x_hat.copy_(codes).div_(scale_min[:, :, 0:1]).add_(scale_min[:, :, 1:2])
+    if in_place:
+        return out
+    x_hat = x_hat.reshape(pre, num_groups * g, post)[:, :n].reshape(c.shape)
     if out is None:
         return x_hat.to(c.dtype).contiguous()
     return out.copy_(x_hat)

@@ -143,7 +143,7 @@ class WeightHomes:
             self.parts[head].tensors["embed_tokens.weight"] = self._tied_embedding(
                 source, share, cache)
         self._reserve_slots()
-        self._view, self._view_key, self._view_bytes = None, None, 0  # see compute_view
+        self._view, self._view_key = None, None  # see compute_view
 
     def _tied_embedding(self, source, share: Placement, cache) -> TensorHome:
         """The head's tied embedding: the embedding part's home where this process has one
@@ -170,6 +170,11 @@ class WeightHomes:
                        for s in range(self.num_slots)]
         self._stages = [self.tiers.empty("cpu", (stage,), torch.uint8, f"weights:stage {s}")
                         if stage else None for s in range(self.num_slots)]
+        # compressed weights dequantise into one workspace, reused by every part: a fresh
+        # buffer per part cost its page faults every step (half of the dequantisation's time)
+        dequant = max((self.dequant_bytes(index) for index in self.parts), default=0)
+        self._dequant = (self.tiers.empty("gpu", (dequant,), torch.uint8,
+                                          "workspace: dequantised weights") if dequant else None)
 
     def _home(self, key, name, tensor, share, cache) -> TensorHome:
         arrays, stored = {}, stored_arrays(tensor, self.config, f"{key}.{name}")
@@ -208,35 +213,34 @@ class WeightHomes:
         """Part `index`'s tensors as compute uses them: its homes (resident), the slot its
         load filled, or dequantised copies of it. Compressed weights are dequantised once per
         (token, part) and reused by the next GPU batches of that part (zig-zag runs them back
-        to back; row-by-row never does), their bytes held on the gpu tier until another
-        part's replace them or release_view()."""
+        to back; row-by-row never does), in the gpu-tier workspace until another part's
+        replace them."""
         if self._view_key != (token, index):
             self.release_view()
             self._view = self._unpack(index, buffers)
-            self._view_bytes = self.dequant_bytes(index)
-            self.tiers["gpu"].reserve(self._view_bytes, "workspace: dequantised weights")
             self._view_key = (token, index)
         return self._view
 
     def release_view(self) -> None:
-        if self._view_key is not None:
-            self.tiers["gpu"].release(self._view_bytes, "workspace: dequantised weights")
-        self._view, self._view_key, self._view_bytes = None, None, 0
+        self._view, self._view_key = None, None
 
     def _unpack(self, index: int, buffers: dict | None) -> dict[str, torch.Tensor]:
         part = self.parts[index]
         if part.resident:
             return part.resident_view
-        out = {}
+        out, start = {}, 0
         for name, tensor in part.tensors.items():
             arrays = {a: (h.only_gpu if h.only_gpu is not None else buffers[name][a])
                       for a, h in tensor.arrays.items()}
             if tensor.config is None:
                 out[name] = arrays["value"]
-            else:
-                packed = compress.Compressed(arrays["data"], arrays["scale_min"], tensor.shape,
-                                             tensor.dtype, tensor.config)
-                out[name] = compress.dequantize(packed)
+                continue
+            packed = compress.Compressed(arrays["data"], arrays["scale_min"], tensor.shape,
+                                         tensor.dtype, tensor.config)
+            size = nbytes_of(tensor.shape, tensor.dtype)  # a multiple of the item size
+            into = self._dequant[start:start + size].view(tensor.dtype).view(tensor.shape)
+            out[name] = compress.dequantize(packed, out=into)
+            start += size
         return out
 
     def dequant_bytes(self, index: int) -> int:

@@ -132,7 +132,7 @@ def _weights(out, spec, policy, dtype, offloaded) -> None:
         return
     largest = max(part_bytes(spec, p, dtype, config)[0] for p in ("embed", "layer", "head"))
     out["gpu"].add(None, 2 * largest)  # the two slots every loaded part streams through
-    if config is not None:  # a part's dequantised weights during its compute step
+    if config is not None:  # the workspace every part's weights dequantise into
         out["gpu"].add(None, max(part_bytes(spec, p, dtype, None)[0]
                                  for p in ("embed", "layer", "head")))
     # disk rows bounce through a cpu stage per slot, sized by the largest array's disk rows up
@@ -266,7 +266,8 @@ def _part_arrays(spec: ModelSpec, part: str, policy: Policy, dtype,
 def _weight_items(spec: ModelSpec, policy: Policy, dtype) -> Counter:
     """Homes (a tied embedding once), then the compute-side slots every part that is not
     resident streams through (weight_homes._reserve_slots: two once two or more parts load,
-    each holding the largest part's loaded arrays) and a cpu stage per slot for disk rows."""
+    each holding the largest part's loaded arrays), a cpu stage per slot for disk rows and,
+    for compressed weights, the workspace the largest part dequantises into."""
     out: Counter = Counter()
     slot, stage, loading = 0, 0, 0
     for part, count in (("embed", 1), ("layer", spec.num_layers), ("head", 1)):
@@ -282,6 +283,9 @@ def _weight_items(spec: ModelSpec, policy: Policy, dtype) -> Counter:
     slots = min(2, loading)
     out["gpu"] += slots * slot
     out["cpu"] += slots * stage
+    if policy.compress_weight:  # the workspace every part dequantises into
+        out["gpu"] += max(sum(nbytes_of(shape, dtype) for shape in _compressed_shapes(spec, part))
+                          for part in ("embed", "layer", "head"))
     return out
 
 
@@ -333,14 +337,11 @@ def _activation_items(spec: ModelSpec, policy: Policy, prompt_len: int, dtype) -
 def _widest_step(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
                  dtype) -> int:
     """The largest compute step's intermediates: prefill, or the last decode step (most
-    keys), plus the largest part's dequantised weights when weights are compressed."""
+    keys)."""
     b, S = policy.gpu_batch_size, prompt_len + gen_len - 1
     widest = step_workspace_bytes(spec, b, prompt_len, prompt_len, dtype)
     if gen_len > 1:
         widest = max(widest, step_workspace_bytes(spec, b, 1, S, dtype))
-    if policy.compress_weight:
-        widest += max(sum(nbytes_of(shape, dtype) for shape in _compressed_shapes(spec, part))
-                      for part in ("embed", "layer", "head"))
     return widest
 
 
