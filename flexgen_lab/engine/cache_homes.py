@@ -141,16 +141,18 @@ class CacheHomes:
             out[f"{kv}.data"], out[f"{kv}.scale_min"] = packed.data, packed.scale_min
         return out
 
-    def unpack(self, arrays: dict[str, torch.Tensor], length: int, kinds: str = "kv") -> tuple:
-        """(k, v) (or the `kinds` asked), each (length, n, nkv, d) in the compute dtype."""
+    def unpack(self, arrays: dict[str, torch.Tensor], length: int, kinds: str = "kv",
+               into: dict[str, torch.Tensor] | None = None) -> tuple:
+        """(k, v) (or the `kinds` asked), each (length, n, nkv, d) in the compute dtype;
+        compressed rows decode into `into[kv]` where given (a buffer of that shape)."""
         if self.config is None:
             return tuple(arrays[kv][:length] for kv in kinds)
         out = []
         for kv in kinds:
             data, scales = arrays[f"{kv}.data"][:length], arrays[f"{kv}.scale_min"][:length]
             shape = (length, *data.shape[1:-1], self.spec.head_dim)
-            out.append(compress.dequantize(compress.Compressed(data, scales, shape, self.dtype,
-                                                               self.config)))
+            packed = compress.Compressed(data, scales, shape, self.dtype, self.config)
+            out.append(compress.dequantize(packed, out=None if into is None else into[kv]))
         return tuple(out)
 
     def home_bytes(self) -> dict[str, int]:

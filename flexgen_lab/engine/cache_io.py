@@ -134,9 +134,8 @@ class CacheIO:
             return rows[0], rows[1], needs_store
         place = "cpu" if cpu_side else "gpu"
         work = self.buffer(f"dequant on {place}", seg, 0, place, False)
-        past = self.homes.unpack(source, p, kinds)
-        for kv, value in zip(kinds, past, strict=True):
-            work[kv][:p].copy_(value)
+        self.homes.unpack(source, p, kinds, into={kv: work[kv][:p] for kv in kinds})
+        for kv in kinds:  # the exact new row joins the decoded past
             work[kv][p:p + 1].copy_(fresh[kv])
         if tier == "gpu":  # its store is a device-local write: do it now
             seg.write_rows(self.homes.stored(fresh["k"], fresh["v"]), p, links=None, token=0,

@@ -193,18 +193,20 @@ class _Operators:
 
 class _Compressors:
     """What the engine dequantises and quantises, at the model's shapes
-    (weight_homes.compute_view: each compressed matrix of a part; cache_homes.unpack: past
-    keys and values; cache_homes.stored: the keys and values a step stores)."""
+    (weight_homes.compute_view: each compressed matrix of a part, into the workspace it
+    reuses; cache_homes.unpack: past keys and values; cache_homes.stored: the keys and values
+    a step stores)."""
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
         self.spec, self.dtype, self.device = spec, dtype, device
 
     def _part(self, part: str) -> Callable[[], object]:
         config = compress.CompressionConfig(*DEQUANT_CONFIG, 0)  # as weight homes pack
-        packed = [compress.quantize(w, config)
-                  for w in _weights(self.spec, part, self.dtype, self.device).values()
-                  if w.dim() >= 2]
-        return lambda: [compress.dequantize(c) for c in packed]
+        matrices = [w for w in _weights(self.spec, part, self.dtype, self.device).values()
+                    if w.dim() >= 2]
+        packed = [compress.quantize(w, config) for w in matrices]
+        outs = [torch.empty_like(w) for w in matrices]  # the engine's dequant workspace
+        return lambda: [compress.dequantize(c, out=o) for c, o in zip(packed, outs, strict=True)]
 
     def dequant_layer(self, size: int) -> Callable[[], object]:
         return self._part("layer")
@@ -221,8 +223,8 @@ class _Compressors:
         rows = torch.randn(keys, batch, s.num_kv_heads, s.head_dim, dtype=self.dtype,
                            device=self.device)
         packed = compress.quantize(rows, compress.CompressionConfig(*DEQUANT_CONFIG, -1))
-        work = torch.empty_like(rows)  # cache_io copies the past into its dequant buffer
-        return lambda: [work.copy_(compress.dequantize(packed)) for _ in "kv"]
+        work = torch.empty_like(rows)  # cache_io decodes the past into its dequant buffer
+        return lambda: [compress.dequantize(packed, out=work) for _ in "kv"]
 
     def quant_cache(self, size: int) -> Callable[[], object]:
         s = self.spec
