@@ -84,7 +84,9 @@ def build(args: dict, spec, weights, dtype, stack):
     policy = Policy(gpu_batch_size=gbs, num_gpu_batches=batch // gbs,
                     weights=Placement(args["w_gpu"], args["w_cpu"]),
                     cache=Placement(*args.get("cache", (1.0, 0.0))),
-                    activations=Placement(*args.get("activations", (1.0, 0.0))))
+                    activations=Placement(*args.get("activations", (1.0, 0.0))),
+                    compress_weight=args.get("compress_weight", False),
+                    compress_cache=args.get("compress_cache", False))
     engine = stack.enter_context(Engine(spec, weights, policy, "zigzag", CPU, dtype,
                                         offload_dir=args["offload_dir"],
                                         disk_io=args.get("disk_io", "direct")))

@@ -18,7 +18,10 @@ capped     the regime FlexGen is for: every system in one memory cgroup below th
            each system at its best batch of those tried, with a warm and (full run only) a
            cold page cache. Accelerate keeps --accelerate-share of the weights in memory (0.2);
            ours fills the cap as FlexGen would (ours_capped: several GPU batches per block,
-           the cache in memory where it fits, then weights on the cpu tier while they fit).
+           the cache in memory where it fits, then weights on the cpu tier while they fit),
+           and as the paper's "FlexGen (c)" (ours_compressed: weights and cache in 4-bit
+           groups, the weights in memory, the cache in memory as far as it fits; its tokens
+           are compared with an uncompressed run at the same batch where one ran first).
            A system killed by the cap is reported as "does not fit".
 
 llamacpp   llama.cpp (llama-cpp-python) against ours resident on the same weights, prompt
@@ -166,7 +169,16 @@ def capped_systems(batch: int, limit: int, dtype: str, prompt_len: int, gen_len:
     return dict(zip(CAPPED_LABELS, ({"system": "hf"},
                                     {"system": "accelerate", "compute_share": accelerate_share},
                                     {**ours, "disk_io": "direct"},
-                                    {**ours, "disk_io": "buffered"}), strict=True))
+                                    {**ours, "disk_io": "buffered"},
+                                    ours_compressed(batch, limit, dtype, prompt_len, gen_len)),
+                    strict=True))
+
+
+def fits_cap(args: dict, batch: int, limit: int, dtype: str, prompt_len: int,
+             gen_len: int) -> bool:
+    """Whether ours with `args` fits the cap: what our memory model accounts, plus the
+    runtime beside it."""
+    return ours_accounted(args, batch, dtype, prompt_len, gen_len) + RUNTIME_BYTES <= limit
 
 
 def ours_capped(batch: int, limit: int, dtype: str, prompt_len: int, gen_len: int) -> dict:
@@ -178,12 +190,33 @@ def ours_capped(batch: int, limit: int, dtype: str, prompt_len: int, gen_len: in
     ours = {"system": "ours", "w_gpu": 0.2, "w_cpu": 0.0, "gpu_batch_size": min(batch, 4)}
 
     def fits(args: dict) -> bool:
-        return ours_accounted(args, batch, dtype, prompt_len, gen_len) + RUNTIME_BYTES <= limit
+        return fits_cap(args, batch, limit, dtype, prompt_len, gen_len)
 
     if not fits(ours):
         ours.update(cache=(0.0, 0.0), activations=(0.0, 0.0))
     while ours["w_cpu"] < 0.8 and fits({**ours, "w_cpu": round(ours["w_cpu"] + 0.05, 2)}):
         ours["w_cpu"] = round(ours["w_cpu"] + 0.05, 2)
+    return ours
+
+
+def ours_compressed(batch: int, limit: int, dtype: str, prompt_len: int, gen_len: int) -> dict:
+    """Ours as the paper's "FlexGen (c)": weights and KV cache in 4-bit groups of 64
+    (compress=both), the weights in memory (on the CPU the gpu tier is memory), as much of
+    the cache in memory as our memory model says fits beside the runtime (steps of 10 %), the
+    rest of it on the disk tier; then, only if even that does not fit, weights to disk in
+    steps of 5 %. GPU batches of up to 16: with the weights in memory a larger GPU batch
+    reads each dequantised weight fewer times per step."""
+    ours = {"system": "ours", "w_gpu": 1.0, "w_cpu": 0.0, "gpu_batch_size": min(batch, 16),
+            "compress_weight": True, "compress_cache": True, "disk_io": "direct",
+            "cache": (1.0, 0.0)}
+
+    def fits(args: dict) -> bool:
+        return fits_cap(args, batch, limit, dtype, prompt_len, gen_len)
+
+    while not fits(ours) and ours["cache"][0] > 0:
+        ours["cache"] = (round(max(ours["cache"][0] - 0.1, 0.0), 2), 0.0)
+    while not fits(ours) and ours["w_gpu"] > 0:
+        ours["w_gpu"] = round(ours["w_gpu"] - 0.05, 2)
     return ours
 
 
@@ -194,14 +227,16 @@ def placement(args: dict) -> str:
     if args["system"] != "ours":
         return ""
     disk = 1 - args["w_gpu"] - args["w_cpu"]
-    cache = ", cache on disk" if args.get("cache") == (0.0, 0.0) else ""
+    cache = args.get("cache", (1.0, 0.0))
+    cache = ("" if cache == (1.0, 0.0) else ", cache on disk" if cache == (0.0, 0.0)
+             else f", cache {sum(cache):.0%} in memory")
     return f" (w {args['w_gpu']:.0%}/{args['w_cpu']:.0%}/{disk:.0%}{cache})"
 
 
 # the capped systems' labels, and the short names --systems takes for them
 CAPPED_LABELS = ("transformers (in memory)", "Accelerate (rest on its disk)",
-                 "ours disk (direct)", "ours disk (buffered)")
-CAPPED_KEYS = ("transformers", "accelerate", "direct", "buffered")
+                 "ours disk (direct)", "ours disk (buffered)", "ours (c) 4-bit")
+CAPPED_KEYS = ("transformers", "accelerate", "direct", "buffered", "compressed")
 KEY_OF = dict(zip(CAPPED_LABELS, CAPPED_KEYS, strict=True))
 
 
@@ -215,7 +250,9 @@ def ours_accounted(args: dict, batch: int, dtype: str, prompt_len: int, gen_len:
     policy = Policy(gpu_batch_size=gbs, num_gpu_batches=batch // gbs,
                     weights=Placement(args["w_gpu"], args["w_cpu"]),
                     cache=Placement(*args.get("cache", (1.0, 0.0))),
-                    activations=Placement(*args.get("activations", (1.0, 0.0))))
+                    activations=Placement(*args.get("activations", (1.0, 0.0))),
+                    compress_weight=args.get("compress_weight", False),
+                    compress_cache=args.get("compress_cache", False))
     job = Job(ModelSpec.from_name(MODEL), policy, "zigzag", None, prompt_len, gen_len,
               TORCH_DTYPES[dtype].itemsize)
     peaks = peak_bytes(job)
@@ -236,6 +273,7 @@ def capped(dtype: str, batches: list[int], prompt_len: int, gen_len: int, thread
         best: dict[tuple[str, str], tuple[int, float, float]] = {}
         at_one: dict[tuple[str, str], float] = {}  # generation token/s at batch 1
         for batch in batches:
+            exact = None  # the tokens of this batch's first uncompressed run
             for label, args in capped_systems(batch, limit, dtype, prompt_len, gen_len,
                                                accelerate_share).items():
                 if KEY_OF[label] not in systems:
@@ -247,14 +285,27 @@ def capped(dtype: str, batches: list[int], prompt_len: int, gen_len: int, thread
                     peak = r.get("cgroup_peak_bytes")
                     print(f"  batch {batch:3d} {cache} {label + placement(args):45s} "
                           f"{fmt(r)}{phases(r)}"
-                          + (f"  cgroup peak {peak / 1e9:.2f} GB" if peak else ""))
+                          + (f"  cgroup peak {peak / 1e9:.2f} GB" if peak else "")
+                          + agreement(r, exact, args))
                     if "killed" not in r:
+                        if exact is None and not args.get("compress_weight"):
+                            exact = r["tokens"]
                         tput = median(r["generation_token_s"])
                         if batch == 1:
                             at_one[(label, cache)] = tput
                         if tput > best.get((label, cache), (0, 0.0, 0.0))[1]:
                             best[(label, cache)] = (batch, tput, median(r["decode_token_s"]))
         summarize_capped(best, at_one)
+
+
+def agreement(result: dict, exact: list | None, args: dict) -> str:
+    """For a 4-bit run: the share of its generated tokens equal to an uncompressed
+    system's at the same batch (where one ran first)."""
+    if not args.get("compress_weight") or exact is None or "killed" in result:
+        return ""
+    pairs = [(a, b) for ra, rb in zip(result["tokens"], exact, strict=True)
+             for a, b in zip(ra, rb, strict=True)]
+    return f"  tokens {sum(a == b for a, b in pairs) / len(pairs):.0%} = uncompressed"
 
 
 def run_capped(args: dict, cap: MemoryCap, cache: str) -> dict:
@@ -287,7 +338,7 @@ def summarize_capped(best: dict, at_one: dict) -> None:
     accelerate = "Accelerate (rest on its disk)"
     for cache in ("warm", "cold"):
         acc = best.get((accelerate, cache))
-        for label in ("ours disk (direct)", "ours disk (buffered)"):
+        for label in CAPPED_LABELS[2:]:
             ours = best.get((label, cache))
             if (accelerate, cache) in at_one and (label, cache) in at_one:
                 print(f"  {cache}: {label} / Accelerate at batch 1: "
