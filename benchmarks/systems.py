@@ -59,6 +59,17 @@ def accelerate_model(spec, weights, dtype, share: float, offload_dir: str, scrat
     return model, {tier: n / total for tier, n in placed.items()}
 
 
+def policy_of(args: dict, batch: int) -> Policy:
+    """Our engine's policy from a child's arguments (block = gpu_batch_size x the rest)."""
+    gbs = args.get("gpu_batch_size") or batch
+    return Policy(gpu_batch_size=gbs, num_gpu_batches=batch // gbs,
+                  weights=Placement(args["w_gpu"], args["w_cpu"]),
+                  cache=Placement(*args.get("cache", (1.0, 0.0))),
+                  activations=Placement(*args.get("activations", (1.0, 0.0))),
+                  compress_weight=args.get("compress_weight", False),
+                  compress_cache=args.get("compress_cache", False))
+
+
 def build(args: dict, spec, weights, dtype, stack):
     """(generate(ids, mask) -> Generation, achieved weight shares per tier)."""
     batch, gen_len = args["batch"], args["gen_len"]
@@ -80,14 +91,8 @@ def build(args: dict, spec, weights, dtype, stack):
             weights, spec, dtype, args["offload_dir"], rewrite=True)
         return (lambda ids, mask: llamacpp.generate(path, unpadded(ids, mask), gen_len, batch),
                 {"gpu": 0.0, "cpu": 1.0, "disk": 0.0})
-    gbs = args.get("gpu_batch_size") or batch
-    policy = Policy(gpu_batch_size=gbs, num_gpu_batches=batch // gbs,
-                    weights=Placement(args["w_gpu"], args["w_cpu"]),
-                    cache=Placement(*args.get("cache", (1.0, 0.0))),
-                    activations=Placement(*args.get("activations", (1.0, 0.0))),
-                    compress_weight=args.get("compress_weight", False),
-                    compress_cache=args.get("compress_cache", False))
-    engine = stack.enter_context(Engine(spec, weights, policy, "zigzag", CPU, dtype,
+    engine = stack.enter_context(Engine(spec, weights, policy_of(args, batch), "zigzag", CPU,
+                                        dtype,
                                         offload_dir=args["offload_dir"],
                                         disk_io=args.get("disk_io", "direct")))
     placed = engine.placement_report()["weights"]

@@ -43,6 +43,7 @@ with --only, --batches, --systems and --caches, e.g. `--only capped --batches 32
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -188,9 +189,8 @@ def ours_capped(batch: int, limit: int, dtype: str, prompt_len: int, gen_len: in
     on the disk tier; then as many weights on the cpu tier as still fit (steps of 5 %), the
     rest streamed from disk. On the CPU the gpu and cpu tiers are one memory."""
     ours = {"system": "ours", "w_gpu": 0.2, "w_cpu": 0.0, "gpu_batch_size": min(batch, 4)}
-
-    def fits(args: dict) -> bool:
-        return fits_cap(args, batch, limit, dtype, prompt_len, gen_len)
+    fits = functools.partial(fits_cap, batch=batch, limit=limit, dtype=dtype,
+                             prompt_len=prompt_len, gen_len=gen_len)
 
     if not fits(ours):
         ours.update(cache=(0.0, 0.0), activations=(0.0, 0.0))
@@ -209,9 +209,8 @@ def ours_compressed(batch: int, limit: int, dtype: str, prompt_len: int, gen_len
     ours = {"system": "ours", "w_gpu": 1.0, "w_cpu": 0.0, "gpu_batch_size": min(batch, 16),
             "compress_weight": True, "compress_cache": True, "disk_io": "direct",
             "cache": (1.0, 0.0)}
-
-    def fits(args: dict) -> bool:
-        return fits_cap(args, batch, limit, dtype, prompt_len, gen_len)
+    fits = functools.partial(fits_cap, batch=batch, limit=limit, dtype=dtype,
+                             prompt_len=prompt_len, gen_len=gen_len)
 
     while not fits(ours) and ours["cache"][0] > 0:
         ours["cache"] = (round(max(ours["cache"][0] - 0.1, 0.0), 2), 0.0)
@@ -242,19 +241,12 @@ KEY_OF = dict(zip(CAPPED_LABELS, CAPPED_KEYS, strict=True))
 
 def ours_accounted(args: dict, batch: int, dtype: str, prompt_len: int, gen_len: int) -> int:
     """Every byte our engine would reserve, on all tiers held in memory (memory_model)."""
-    from flexgen_lab.engine.policy import Placement, Policy
+    from benchmarks.systems import policy_of
     from flexgen_lab.planner.job import Job
     from flexgen_lab.planner.memory_model import peak_bytes
 
-    gbs = args["gpu_batch_size"]
-    policy = Policy(gpu_batch_size=gbs, num_gpu_batches=batch // gbs,
-                    weights=Placement(args["w_gpu"], args["w_cpu"]),
-                    cache=Placement(*args.get("cache", (1.0, 0.0))),
-                    activations=Placement(*args.get("activations", (1.0, 0.0))),
-                    compress_weight=args.get("compress_weight", False),
-                    compress_cache=args.get("compress_cache", False))
-    job = Job(ModelSpec.from_name(MODEL), policy, "zigzag", None, prompt_len, gen_len,
-              TORCH_DTYPES[dtype].itemsize)
+    job = Job(ModelSpec.from_name(MODEL), policy_of(args, batch), "zigzag", None, prompt_len,
+              gen_len, TORCH_DTYPES[dtype].itemsize)
     peaks = peak_bytes(job)
     return int(peaks["gpu"] + peaks["cpu"])
 
