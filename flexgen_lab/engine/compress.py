@@ -186,27 +186,47 @@ def dequantize(c: Compressed, out: torch.Tensor | None = None) -> torch.Tensor:
                          f"expected {c.shape} and {c.dtype}")
     ax = _axis(len(c.shape), c.config)
     g, n, num_groups = c.config.group_size, c.shape[ax], c.scale_min.shape[ax]
-    # Work in the stored layout, (pre, G, g, post) with `post` contiguous: moving the group
-    # axis last (a transposed view) made every pass strided, 4-12x slower on a CPU.
     pre, post = math.prod(c.shape[:ax]), math.prod(c.shape[ax + 1:])
-    if c.config.bits == 4:  # (pre, G, g/2, post) bytes -> (pre, G, g/2, 2, post) nibbles
-        packed = c.data.reshape(pre, num_groups, g // 2, 1, post)
-        codes = torch.cat([packed >> 4, packed & 0x0F], dim=3)
-    else:
-        codes = c.data
-    codes = codes.reshape(pre, num_groups, g, post)
-    scale_min = c.scale_min.reshape(pre, num_groups, 2, post).float()
-    in_place = (out is not None and out.dtype == torch.float32 and out.is_contiguous()
-                and num_groups * g == n)  # decode straight into `out`: no float32 temporary
-    x_hat = out.view(pre, num_groups, g, post) if in_place else torch.empty(
-        codes.shape, dtype=torch.float32, device=codes.device)
-    x_hat.copy_(codes).div_(scale_min[:, :, 0:1]).add_(scale_min[:, :, 1:2])
-    if in_place:
-        return out
-    x_hat = x_hat.reshape(pre, num_groups * g, post)[:, :n].reshape(c.shape)
-    if out is None:
-        return x_hat.to(c.dtype).contiguous()
-    return out.copy_(x_hat)
+    result = out if out is not None and out.is_contiguous() else torch.empty(
+        c.shape, dtype=c.dtype, device=c.data.device)
+    if result.numel() == 0:
+        return result
+    # Work in the stored layout, (pre, G, g, post) with `post` contiguous (a transposed view made
+    # every pass strided), as rows of k groups: one group per row, or a whole group axis per row
+    # when its last group is padded, so each row's unpadded values are one contiguous run.
+    k = num_groups if num_groups * g != n else 1
+    rows = pre * num_groups // k
+    data = c.data.reshape(rows, k, g * c.config.bits // 8, post)
+    scale_min = c.scale_min.reshape(rows, k, 2, post)
+    target = result.view(rows, -1)  # (rows, g * post), or (pre, n * post) when padded
+    # On a CPU, decode a few MB at a time: the float32 intermediate then stays in cache (4-7x
+    # faster than whole-tensor passes, measured); a GPU takes the whole tensor in one pass.
+    step = rows if c.data.is_cuda else max(1, _DECODE_CHUNK // (k * g * post))
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        x_hat = _codes(data[start:stop], c.config.bits, g)  # (r, k, g, post) float32
+        sm = scale_min[start:stop].float()
+        x_hat.div_(sm[:, :, 0:1]).add_(sm[:, :, 1:2])
+        target[start:stop].copy_(x_hat.view(stop - start, -1)[:, :target.shape[1]])
+    if out is not None and result is not out:
+        out.copy_(result)
+    return result if out is None else out
+
+
+# elements decoded per pass on a CPU: a 4 MB float32 intermediate, the fastest of 0.25-4 M
+# elements for an 8192 x 2048 weight on this project's 2-core machine
+_DECODE_CHUNK = 1 << 20
+
+
+def _codes(data: torch.Tensor, bits: int, g: int) -> torch.Tensor:
+    """(r, k, g * bits / 8, post) stored bytes -> (r, k, g, post) float32 codes."""
+    if bits == 8:
+        return data.float()
+    r, k, _, post = data.shape  # bytes hold pairs (2t, 2t + 1): 2t in the high nibble
+    nibbles = torch.empty((r, k, g // 2, 2, post), dtype=torch.uint8, device=data.device)
+    torch.bitwise_right_shift(data, 4, out=nibbles[:, :, :, 0])
+    torch.bitwise_and(data, 0x0F, out=nibbles[:, :, :, 1])
+    return nibbles.view(r, k, g, post).float()
 
 
 def roundtrip(x: torch.Tensor, config: CompressionConfig) -> torch.Tensor:

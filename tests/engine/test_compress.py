@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flexgen_lab.engine import compress
 from flexgen_lab.engine.compress import (
     FP16_MAX,
     CompressionConfig,
@@ -254,16 +257,20 @@ def decoded_by_the_layout(c) -> torch.Tensor:
 @settings(max_examples=40, deadline=None)
 @given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4),
        data=st.data(), bits=st.sampled_from([4, 8]), group_size=st.sampled_from([2, 4, 6, 64]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), into=st.booleans())
-def test_dequantize_decodes_the_documented_layout(shape, data, bits, group_size, dtype, into):
-    """Both paths (a fresh result, or decoded straight into a float32 `out`) give exactly
-    the values the layout documents, for drawn shapes, axes, group sizes and widths."""
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), into=st.booleans(),
+       chunk=st.sampled_from([1, 5, 1 << 20]))
+def test_dequantize_decodes_the_documented_layout(shape, data, bits, group_size, dtype, into,
+                                                  chunk):
+    """Both paths (a fresh result, or decoded into `out`) give exactly the values the layout
+    documents, for drawn shapes, axes, group sizes and widths, decoded in one pass or in
+    chunks of drawn size (a CPU decodes a few MB at a time)."""
     ax = data.draw(st.integers(-len(shape), len(shape) - 1))
     shape[ax] = data.draw(st.integers(1, 3 * group_size))  # whole and padded groups
     x = (torch.randn(shape) * 4).to(dtype)
     c = quantize(x, CompressionConfig(bits=bits, group_size=group_size, group_dim=ax))
     out = torch.full(shape, float("nan"), dtype=dtype) if into else None
-    result = dequantize(c, out=out)
+    with mock.patch.object(compress, "_DECODE_CHUNK", chunk):
+        result = dequantize(c, out=out)
     assert torch.equal(result, decoded_by_the_layout(c))
     if into:
         assert result.data_ptr() == out.data_ptr()
