@@ -42,7 +42,7 @@ with --only, --batches, --systems and --caches, e.g. `--only capped --batches 32
 The capped part runs float32 by default (opt-1.3b, 5.3 GB). `--only capped --model opt-2.7b
 --capped-dtype bfloat16` runs the same 5.3 GB under the same cap in bfloat16, the precision
 FlexGen runs in, for every system; on a CPU with AMX (this project's machines) a bfloat16
-matmul is about 4x a float32 one (measured: 806 against 198 GFLOP/s for 8192 x 2048 x 2048 on
+matmul is about 4x a float32 one (measured: 806 against 198 GFLOP/s for 8192 x 2048 x 8192 on
 2 threads), so prefill, the same compute in every system, takes less of the time.
 """
 
