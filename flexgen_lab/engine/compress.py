@@ -199,7 +199,7 @@ def dequantize(c: Compressed, out: torch.Tensor | None = None) -> torch.Tensor:
     data = c.data.reshape(rows, k, g * c.config.bits // 8, post)
     scale_min = c.scale_min.reshape(rows, k, 2, post)
     target = result.view(rows, -1)  # (rows, g * post), or (pre, n * post) when padded
-    # On a CPU, decode a few MB at a time: the float32 intermediate then stays in cache (4-7x
+    # On a CPU, decode a few MB at a time: the float32 intermediate then stays in cache (3-6x
     # faster than whole-tensor passes, measured); a GPU takes the whole tensor in one pass.
     step = rows if c.data.is_cuda else max(1, _DECODE_CHUNK // (k * g * post))
     for start in range(0, rows, step):
