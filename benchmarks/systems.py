@@ -92,8 +92,7 @@ def build(args: dict, spec, weights, dtype, stack):
         return (lambda ids, mask: llamacpp.generate(path, unpadded(ids, mask), gen_len, batch),
                 {"gpu": 0.0, "cpu": 1.0, "disk": 0.0})
     engine = stack.enter_context(Engine(spec, weights, policy_of(args, batch), "zigzag", CPU,
-                                        dtype,
-                                        offload_dir=args["offload_dir"],
+                                        dtype, offload_dir=args["offload_dir"],
                                         disk_io=args.get("disk_io", "direct")))
     placed = engine.placement_report()["weights"]
     total = sum(v["achieved"] for v in placed.values())
