@@ -82,12 +82,17 @@ UNCAPPED = {  # label -> the child's arguments
 }
 
 
-def child(args: dict, cap: MemoryCap | None = None) -> dict:
-    """One system in a fresh process; {"killed": ...} when it did not finish."""
+def child(args: dict, cap: MemoryCap | None = None, timeout: float | None = None) -> dict:
+    """One system in a fresh process; {"killed": ...} when it did not finish (within
+    `timeout` seconds: under a cap, a system may thrash for as long as one lets it)."""
     argv = [sys.executable, "-m", "benchmarks.systems", json.dumps(args)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cap = cap or MemoryCap(None)
-    out = subprocess.run(cap.command(argv), capture_output=True, text=True, env=env, cwd=REPO)
+    try:
+        out = subprocess.run(cap.command(argv), capture_output=True, text=True, env=env,
+                             cwd=REPO, timeout=timeout)
+    except subprocess.TimeoutExpired:  # the child is killed (the cap's shell exec'd it)
+        return {"killed": f"did not finish in {timeout:.0f} s"}
     if out.returncode != 0:
         why = "killed by the memory cap" if out.returncode in (137, -9) else \
             out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"rc {out.returncode}"
@@ -252,15 +257,17 @@ def ours_accounted(args: dict, batch: int, dtype: str, prompt_len: int, gen_len:
     from flexgen_lab.planner.memory_model import peak_bytes
 
     job = Job(ModelSpec.from_name(MODEL), policy_of(args, batch), "zigzag", None, prompt_len,
-              gen_len, TORCH_DTYPES[dtype].itemsize)
+              gen_len, TORCH_DTYPES[dtype].itemsize, compute_on_cpu=True)
     peaks = peak_bytes(job)
     return int(peaks["gpu"] + peaks["cpu"])
 
 
 def capped(dtype: str, batches: list[int], prompt_len: int, gen_len: int, threads: int,
            caches: list[str], systems: list[str] = CAPPED_KEYS,
-           accelerate_share: float = 0.2) -> None:
-    """caches: "warm", "cold" or both; systems: which of CAPPED_KEYS to run."""
+           accelerate_share: float = 0.2, timeout: float | None = None) -> None:
+    """caches: "warm", "cold" or both; systems: which of CAPPED_KEYS to run; timeout: seconds
+    one system's process may take. A system that did not finish at a batch is not tried at
+    larger ones (they need more memory)."""
     limit = int(0.8 * model_bytes(dtype))
     base = {"model": MODEL, "dtype": dtype, "prompt_len": prompt_len, "gen_len": gen_len,
             "threads": threads, "offload_dir": OFFLOAD}
@@ -270,22 +277,27 @@ def capped(dtype: str, batches: list[int], prompt_len: int, gen_len: int, thread
               "tokens: generation token/s (measured)")
         best: dict[tuple[str, str], tuple[int, float, float]] = {}
         at_one: dict[tuple[str, str], float] = {}  # generation token/s at batch 1
-        for batch in batches:
+        gave_up: set[tuple[str, str]] = set()
+        for batch in sorted(batches):
             exact = None  # the tokens of this batch's first uncompressed run
             for label, args in capped_systems(batch, limit, dtype, prompt_len, gen_len,
                                                accelerate_share).items():
                 if KEY_OF[label] not in systems:
                     continue
-                if args["system"] == "hf" and batch > batches[0]:
+                if args["system"] == "hf" and batch > min(batches):
                     continue  # it did not fit at the smallest batch
                 for cache in caches:
-                    r = run_capped({**base, **args, "batch": batch}, cap, cache)
+                    if (label, cache) in gave_up:
+                        continue
+                    r = run_capped({**base, **args, "batch": batch}, cap, cache, timeout)
                     peak = r.get("cgroup_peak_bytes")
                     print(f"  batch {batch:3d} {cache} {label + placement(args):45s} "
                           f"{fmt(r)}{phases(r)}"
                           + (f"  cgroup peak {peak / 1e9:.2f} GB" if peak else "")
                           + agreement(r, exact, args))
-                    if "killed" not in r:
+                    if "killed" in r:
+                        gave_up.add((label, cache))
+                    else:
                         if exact is None and not args.get("compress_weight"):
                             exact = r["tokens"]
                         tput = median(r["generation_token_s"])
@@ -306,16 +318,16 @@ def agreement(result: dict, exact: list | None, args: dict) -> str:
     return f"  tokens {sum(a == b for a, b in pairs) / len(pairs):.0%} = uncompressed"
 
 
-def run_capped(args: dict, cap: MemoryCap, cache: str) -> dict:
+def run_capped(args: dict, cap: MemoryCap, cache: str, timeout: float | None = None) -> dict:
     """warm: one warm-up then 3 timed generations in one process; cold: 3 fresh processes,
     each after evicting the weight files from the page cache, timing their first
     generation."""
     if cache == "warm":
-        return child({**args, "warmup": 1, "repeats": 3}, cap)
+        return child({**args, "warmup": 1, "repeats": 3}, cap, timeout)
     runs = []
     for _ in range(3):
         evict(OFFLOAD)
-        runs.append(child({**args, "warmup": 0, "repeats": 1}, cap))
+        runs.append(child({**args, "warmup": 0, "repeats": 1}, cap, timeout))
         if "killed" in runs[-1]:
             return runs[-1]
     return {**runs[-1], "generation_token_s": [r["generation_token_s"][0] for r in runs]}
@@ -417,6 +429,9 @@ def main() -> None:
                              "float32; bfloat16 with --model opt-2.7b is the same 5.3 GB)")
     parser.add_argument("--caches", nargs="+", choices=["warm", "cold"],
                         help="the capped part's page cache (default warm and cold; --quick warm)")
+    parser.add_argument("--child-timeout", type=float, default=1800,
+                        help="the capped part: seconds one system's process may take before it "
+                             "is stopped as not finishing (default 1800)")
     args = parser.parse_args()
     MODEL = args.model
     threads = torch.get_num_threads()
@@ -431,7 +446,7 @@ def main() -> None:
         prompt_len, gen_len, batches, caches = ((128, 8, [1, 8], ["warm"]) if args.quick else
                                                 (512, 16, [1, 4, 16, 32, 64], ["warm", "cold"]))
         capped(args.capped_dtype, args.batches or batches, prompt_len, gen_len, threads,
-               args.caches or caches, args.systems, args.accelerate_share)
+               args.caches or caches, args.systems, args.accelerate_share, args.child_timeout)
     if "llamacpp" in args.only:
         llamacpp(["float32"] if args.quick else ["float32", "bfloat16"], [1, 16], threads)
     print(f"\n({time.perf_counter() - start:.0f} s)")
