@@ -176,9 +176,9 @@ def column_budgets(exp: Experiment, scale: Scale, cells: list[Cell]
         cfg = make_config(cell, scale)
         if cfg.policy.name != "manual":
             continue
-        spec, _, dtype, _ = prepare(cfg)
+        spec, device, dtype, _ = prepare(cfg)
         item = TORCH_DTYPES[dtype].itemsize
-        need = peak_bytes(job_for(cfg, spec, dtype, profile))
+        need = peak_bytes(job_for(cfg, spec, dtype, profile, device=device))
         if cell.column not in budgets:
             paper = ModelSpec.from_name(exp.columns[cell.column]["paper_model"])
             ratio = spec.weight_bytes(item) / paper.weight_bytes(2)

@@ -131,11 +131,13 @@ def run_profile(cfg: RunConfig, device: torch.device) -> HardwareProfile:
 
 
 def job_for(cfg: RunConfig, spec: ModelSpec, dtype: str, profile: HardwareProfile,
-            num_prompts: int | None = None) -> Job:
-    """What the cost model, simulator and memory model are asked about for this run."""
+            num_prompts: int | None = None, device: torch.device | None = None) -> Job:
+    """What the cost model, simulator and memory model are asked about for this run (on
+    `device`; None or a simulated run: the profile's GPU)."""
     w = cfg.workload
     return Job(spec, to_policy(cfg), cfg.schedule.name, profile, w.prompt_len, w.gen_len,
-               TORCH_DTYPES[dtype].itemsize, num_prompts or w.num_prompts)
+               TORCH_DTYPES[dtype].itemsize, num_prompts or w.num_prompts,
+               compute_on_cpu=device is not None and device.type == "cpu")
 
 
 def prediction_columns(cfg: RunConfig, spec: ModelSpec, dtype: str,
@@ -144,7 +146,7 @@ def prediction_columns(cfg: RunConfig, spec: ModelSpec, dtype: str,
     profile = run_profile(cfg, device)
     if profile.missing_speeds():
         return {}
-    job = job_for(cfg, spec, dtype, profile)
+    job = job_for(cfg, spec, dtype, profile, device=device)
     if cfg.cost_model.variant == "flexgen-original":  # one block, as the original modelled
         pred = flexgen_original(job)
     elif cfg.distributed.name == "pipeline":

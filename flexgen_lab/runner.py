@@ -120,7 +120,8 @@ def searched(cfg: RunConfig, spec: ModelSpec, dtype: str, device: torch.device) 
                    to_policy(cfg), cfg.schedule.name, cfg.policy.cpu_delegation,
                    compress=(cfg.policy.compress_weight, cfg.policy.compress_cache),
                    max_block_size=cfg.search.max_block_size,
-                   rerank_top=cfg.search.rerank_top, micro_blocks=micro_blocks)
+                   rerank_top=cfg.search.rerank_top, micro_blocks=micro_blocks,
+                   compute_on_cpu=device.type == "cpu")
     if found is None:
         raise ConfigError(f"policy=search: no policy fits {spec.name} in hardware="
                           f"{cfg.hardware.name}'s budgets")

@@ -78,9 +78,12 @@ class CacheAttention:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,
             scale: float) -> torch.Tensor:
-    """q (n, nh, 1, d), k/v (p+1, n, nkv, d) token-major, key_mask (n, p+1) -> (n, 1, nh*d)."""
-    compute_dtype = q.dtype
-    if q.device.type == "cpu" and q.dtype == torch.float16:
+    """q (n, nh, 1, d), k/v (p+1, n, nkv, d) token-major, key_mask (n, p+1) -> (n, 1, nh*d).
+
+    Runs in k's dtype where that is wider than q's (a compressed cache decoded into float32,
+    cache_homes.decoded_dtype), else in q's."""
+    compute_dtype = torch.promote_types(q.dtype, k.dtype)
+    if q.device.type == "cpu" and compute_dtype == torch.float16:
         compute_dtype = torch.float32  # CPU half matmuls are slow; the original used fp32 too
     k = k.permute(1, 2, 0, 3).to(compute_dtype)
     v = v.permute(1, 2, 0, 3).to(compute_dtype)

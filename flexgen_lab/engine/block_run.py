@@ -17,9 +17,8 @@ from flexgen_lab.engine import dependencies as deps
 from flexgen_lab.engine.activation_homes import ActivationHomes
 from flexgen_lab.engine.attention import CacheAttention
 from flexgen_lab.engine.batch import BatchState, Sampling, pick_tokens
-from flexgen_lab.engine.cache_homes import CacheHomes
+from flexgen_lab.engine.cache_homes import CacheHomes, cache_config
 from flexgen_lab.engine.cache_io import CacheIO
-from flexgen_lab.engine.compress import CompressionConfig
 from flexgen_lab.engine.dependencies import fills, is_store
 from flexgen_lab.engine.transfer import Executor, Links, done, wait
 from flexgen_lab.engine.workspace import step_workspace_bytes
@@ -49,8 +48,7 @@ class BlockRun:
         p, spec = engine.policy, engine.spec
         self.prompt_len = batches[0].prompt_len
         total = self.prompt_len + gen_len - 1
-        config = (CompressionConfig(p.compress_bits, p.compress_group_size, -1)
-                  if p.compress_cache else None)
+        config = cache_config(p, spec)
         # the block's cache and activation requests may need larger bounce buffers
         engine.tiers["cpu"].reserve(engine._bounce_bytes(self.prompt_len, gen_len)
                                     - engine._bounce_bytes(), "disk: bounce buffers (block)")

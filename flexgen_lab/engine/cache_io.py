@@ -20,7 +20,7 @@ import math
 import torch
 
 from flexgen_lab.engine import compress
-from flexgen_lab.engine.cache_homes import CacheHomes, Segment, stored_shapes
+from flexgen_lab.engine.cache_homes import CacheHomes, Segment, decoded_dtype, stored_shapes
 from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.engine.transfer import Links
 
@@ -68,7 +68,8 @@ class CacheIO:
         return out
 
     def buffer(self, role: str, seg: Segment, slot: int, place: str, stored: bool) -> dict:
-        """Reusable arrays viewed as (S, n, ...) for a segment of n sequences.
+        """Reusable arrays viewed as (S, n, ...) for a segment of n sequences: in stored form,
+        or plain rows (a dequant buffer, in the dtype the cache decodes into at `place`).
 
         Each array is one flat allocation sized for the tier's largest segment (all S
         positions): GPU batches may hold different numbers of a tier's sequences, and a
@@ -78,14 +79,16 @@ class CacheIO:
         tier, n = seg.tier, seg.seqs[1] - seg.seqs[0]
         key = (role, tier, slot)
         config = self.homes.config if stored else None
+        dtype = self.dtype if stored else decoded_dtype(
+            self.dtype, place == "cpu" or self.device.type == "cpu")
         if key not in self._buffers:
             n_max = max(r[tier][1] - r[tier][0] for r in self.homes.ranges if tier in r)
-            shapes = stored_shapes(self.homes.S, n_max, self.homes.spec, self.dtype, config)
+            shapes = stored_shapes(self.homes.S, n_max, self.homes.spec, dtype, config)
             self._buffers[key] = {name: self.tiers.empty(place, (math.prod(shape),), dtype,
                                                          f"cache: {role} {tier} {slot}")
                                   for name, (shape, dtype) in shapes.items()}
         flat = self._buffers[key]
-        shapes = stored_shapes(self.homes.S, n, self.homes.spec, self.dtype, config)
+        shapes = stored_shapes(self.homes.S, n, self.homes.spec, dtype, config)
         return {name: flat[name][:math.prod(shape)].view(shape)
                 for name, (shape, _) in shapes.items()}
 

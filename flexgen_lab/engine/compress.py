@@ -178,17 +178,19 @@ def check_fp16_range(x: torch.Tensor, name: str) -> None:
 def dequantize(c: Compressed, out: torch.Tensor | None = None) -> torch.Tensor:
     """x_hat = code / scale + min, in c.shape and c.dtype, on c.data's device.
 
-    With `out` (same shape and dtype), the result is written into it and `out` is returned, so the
-    engine can reuse one buffer per layer. Math runs in float32, then casts to c.dtype.
+    With `out` (same shape; c.dtype, or float32, the precision the math runs in), the result is
+    written into it and `out` is returned, so the engine can reuse one buffer per layer. Math
+    runs in float32, then casts to out's dtype (c.dtype without out).
     """
-    if out is not None and (tuple(out.shape) != c.shape or out.dtype != c.dtype):
+    if out is not None and (tuple(out.shape) != c.shape
+                            or out.dtype not in (c.dtype, torch.float32)):
         raise ValueError(f"dequantize out has shape {tuple(out.shape)} and dtype {out.dtype}; "
-                         f"expected {c.shape} and {c.dtype}")
+                         f"expected {c.shape} and {c.dtype} or torch.float32")
     ax = _axis(len(c.shape), c.config)
     g, n, num_groups = c.config.group_size, c.shape[ax], c.scale_min.shape[ax]
     pre, post = math.prod(c.shape[:ax]), math.prod(c.shape[ax + 1:])
     result = out if out is not None and out.is_contiguous() else torch.empty(
-        c.shape, dtype=c.dtype, device=c.data.device)
+        c.shape, dtype=c.dtype if out is None else out.dtype, device=c.data.device)
     if result.numel() == 0:
         return result
     # Work in the stored layout, (pre, G, g, post) with `post` contiguous (a transposed view made

@@ -43,6 +43,7 @@ import torch
 
 from flexgen_lab.engine import compress
 from flexgen_lab.engine.attention import decode_attention
+from flexgen_lab.engine.cache_homes import cache_group, decoded_dtype
 from flexgen_lab.models import families, ops
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import loaded_shapes
@@ -222,16 +223,22 @@ class _Compressors:
         batch, s = max(1, size // keys), self.spec
         rows = torch.randn(keys, batch, s.num_kv_heads, s.head_dim, dtype=self.dtype,
                            device=self.device)
-        packed = compress.quantize(rows, compress.CompressionConfig(*DEQUANT_CONFIG, -1))
-        work = torch.empty_like(rows)  # cache_io decodes the past into its dequant buffer
+        packed = compress.quantize(rows, self._cache_config())
+        # cache_io decodes the past into its dequant buffer, in the dtype attention reads
+        work = torch.empty_like(rows, dtype=decoded_dtype(self.dtype, self.device.type == "cpu"))
         return lambda: [compress.dequantize(packed, out=work) for _ in "kv"]
 
     def quant_cache(self, size: int) -> Callable[[], object]:
         s = self.spec
         rows = torch.randn(size, 1, s.num_kv_heads, s.head_dim, dtype=self.dtype,
                            device=self.device)
-        config = compress.CompressionConfig(*DEQUANT_CONFIG, -1)
+        config = self._cache_config()
         return lambda: [compress.quantize(rows, config) for _ in "kv"]
+
+    def _cache_config(self) -> compress.CompressionConfig:
+        """As cache homes pack (cache_homes.cache_config: groups dividing head_dim)."""
+        bits, group = DEQUANT_CONFIG
+        return compress.CompressionConfig(bits, cache_group(self.spec.head_dim, group), -1)
 
 
 def measure_table(spec: ModelSpec, dtype: torch.dtype, device: torch.device, quick: bool,

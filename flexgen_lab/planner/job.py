@@ -41,6 +41,7 @@ class Job:
     dtype_bytes: int = 2
     num_prompts: int | None = None  # None: one block (policy.block_size prompts)
     ends: Ends = WHOLE_MODEL
+    compute_on_cpu: bool = False  # no GPU: the gpu tier is host memory, attention runs on a CPU
 
     @property
     def prompts(self) -> int:

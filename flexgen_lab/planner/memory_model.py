@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from flexgen_lab.engine.bounce import bounce_reserve, largest_block_request, largest_weight_request
-from flexgen_lab.engine.cache_homes import stored_shapes
+from flexgen_lab.engine.cache_homes import cache_config, decoded_dtype, stored_shapes
 from flexgen_lab.engine.compress import CompressionConfig, compressed_nbytes
 from flexgen_lab.engine.disk import ALIGN
 from flexgen_lab.engine.placement import batch_ranges, split_units
@@ -83,7 +83,8 @@ def memory_terms(job: Job, offloaded_weights: bool = True, offloaded_cache: bool
     dtype = DTYPES[job.dtype_bytes]
     out = {tier: Linear() for tier in ("gpu", "cpu", "disk")}
     _weights(out, spec, policy, dtype, offloaded_weights)
-    _cache(out, spec, policy, prompt_len + gen_len - 1, dtype, offloaded_cache)
+    _cache(out, spec, policy, prompt_len + gen_len - 1, dtype, offloaded_cache,
+           job.compute_on_cpu)
     _activations(out, spec, policy, prompt_len, dtype, offloaded_acts)
     out["gpu"].add(None, step_workspace_bytes(spec, policy.gpu_batch_size, prompt_len,
                                               prompt_len, dtype))
@@ -145,11 +146,10 @@ def _weights(out, spec, policy, dtype, offloaded) -> None:
     out["cpu"].add(None, 4 * ALIGN)
 
 
-def _cache(out, spec, policy, positions, dtype, offloaded) -> None:
+def _cache(out, spec, policy, positions, dtype, offloaded, compute_on_cpu) -> None:
     b, block = policy.gpu_batch_size, policy.block_size
     if policy.compress_cache:
-        config = CompressionConfig(policy.compress_bits, policy.compress_group_size, -1)
-        row = compressed_nbytes((spec.num_kv_heads, spec.head_dim), config)
+        row = compressed_nbytes((spec.num_kv_heads, spec.head_dim), cache_config(policy, spec))
     else:
         row = spec.kv_dim * dtype.itemsize
     per_seq = 2 * positions * row  # k and v of one sequence, one layer
@@ -165,10 +165,12 @@ def _cache(out, spec, policy, positions, dtype, offloaded) -> None:
             out["gpu"].add(var, 2 * b * per_seq)
     out["cpu"].add("cd", 4 * b * per_seq)  # read bounce + store stage
     if policy.compress_cache:  # dequantised k, v of each tier's segment, where it attends
-        plain = 2 * positions * spec.kv_dim * dtype.itemsize * b
-        out["gpu"].add("cg", plain)
+        def plain(on_cpu: bool) -> int:
+            return 2 * positions * spec.kv_dim * decoded_dtype(dtype, on_cpu).itemsize * b
+        out["gpu"].add("cg", plain(compute_on_cpu))
         for var in ("cc", "cd"):
-            out["cpu" if policy.cpu_delegation else "gpu"].add(var, plain)
+            place = "cpu" if policy.cpu_delegation else "gpu"
+            out[place].add(var, plain(place == "cpu" or compute_on_cpu))
 
 
 def _activations(out, spec, policy, prompt_len, dtype, offloaded) -> None:
@@ -206,7 +208,7 @@ def peak_breakdown(job: Job, io_workers: int = IO_THREADS) -> dict[str, Counter]
     spec, policy, prompt_len, gen_len = job.spec, job.policy, job.prompt_len, job.gen_len
     dtype = DTYPES[job.dtype_bytes]
     return {"weights": _weight_items(spec, policy, dtype),
-            "cache": _cache_items(spec, policy, prompt_len, gen_len, dtype),
+            "cache": _cache_items(spec, policy, prompt_len, gen_len, dtype, job.compute_on_cpu),
             "activations": _activation_items(spec, policy, prompt_len, dtype),
             "step": Counter({"gpu": _widest_step(spec, policy, prompt_len, gen_len, dtype)}),
             "placing": Counter({"cpu": _placing_peak(spec, policy, dtype) + bounce_reserve(
@@ -290,11 +292,10 @@ def _weight_items(spec: ModelSpec, policy: Policy, dtype) -> Counter:
 
 
 def _cache_items(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
-                 dtype) -> Counter:
-    """Every (layer, batch) segment at home, then the block's buffers (attention.py
+                 dtype, compute_on_cpu: bool) -> Counter:
+    """Every (layer, batch) segment at home, then the block's buffers (cache_io.py
     reserve_buffers), each sized for its tier's largest segment."""
-    config = (CompressionConfig(policy.compress_bits, policy.compress_group_size, -1)
-              if policy.compress_cache else None)
+    config = cache_config(policy, spec)
     S = prompt_len + gen_len - 1
     out: Counter = Counter()
     largest: dict[str, int] = {}
@@ -316,8 +317,10 @@ def _cache_items(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
         if tier != "gpu" and not policy.cpu_delegation:
             out["gpu"] += 2 * stored  # two staging slots
         if config is not None:
-            plain = sum(nbytes_of(*x) for x in stored_shapes(S, n, spec, dtype, None).values())
-            out["cpu" if policy.cpu_delegation and tier != "gpu" else "gpu"] += plain
+            place = "cpu" if policy.cpu_delegation and tier != "gpu" else "gpu"
+            decoded = decoded_dtype(dtype, place == "cpu" or compute_on_cpu)
+            out[place] += sum(nbytes_of(*x) for x in stored_shapes(S, n, spec, decoded,
+                                                                  None).values())
     return out
 
 

@@ -249,7 +249,7 @@ def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2
            max_gpu_batches: int = MAX_GPU_BATCHES,
            compress: tuple[bool | None, bool | None] = (False, False),
            max_block_size: int | None = None, rerank_top: int = 0,
-           micro_blocks: int = 1) -> Found | None:
+           micro_blocks: int = 1, compute_on_cpu: bool = False) -> Found | None:
     """Enumerate gbs, and num_gpu_batches in doublings while throughput grows and the LP stays
     feasible (the original stepped one by one); delegation and compression (weight, cache)
     too, each when left open (None). max_block_size bounds gbs x num_gpu_batches: the
@@ -257,10 +257,11 @@ def search(spec: ModelSpec, profile: HardwareProfile, s: int, n: int, q: int = 2
     best few answers are simulated (sim/simulator.py: the engine's op stream, its
     dependencies and I/O workers, which the LP's per-window maxima only bound) and the best
     simulated one wins. micro_blocks > 1 plans one pipeline stage (spec: its layers), whose
-    memory holds that many blocks' homes."""
+    memory holds that many blocks' homes. compute_on_cpu: the engine will run on a CPU
+    (Job.compute_on_cpu)."""
     profile.require_speeds()
     start, found, solved = time.perf_counter(), [], 0
-    job = Job(spec, base or Policy(), schedule, profile, s, n, q)
+    job = Job(spec, base or Policy(), schedule, profile, s, n, q, compute_on_cpu=compute_on_cpu)
     booleans = [(d, w, c) for d in _choices(delegation) for w in _choices(compress[0])
                 for c in _choices(compress[1])]
     for delegate, weights, cache in booleans:

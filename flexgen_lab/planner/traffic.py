@@ -18,7 +18,7 @@ from collections import Counter
 
 import torch
 
-from flexgen_lab.engine.cache_homes import stored_shapes
+from flexgen_lab.engine.cache_homes import cache_config, stored_shapes
 from flexgen_lab.engine.compress import CompressionConfig
 from flexgen_lab.engine.placement import batch_ranges, split_units
 from flexgen_lab.engine.policy import Placement, Policy
@@ -180,8 +180,7 @@ def _add(total: Counter, part: Counter, times: int = 1) -> None:
 def cache_rows(spec: ModelSpec, policy: Policy, k: int, dtype: torch.dtype) -> dict[str, dict]:
     """GPU batch k's off-gpu cache segments: tier -> {"n": sequences, array: bytes per
     position} in the stored form (compressed or not)."""
-    config = (CompressionConfig(policy.compress_bits, policy.compress_group_size, -1)
-              if policy.compress_cache else None)
+    config = cache_config(policy, spec)
     split = split_units(policy.block_size, policy.cache)
     out = {}
     for tier, (a, b) in batch_ranges(split, k, policy.gpu_batch_size).items():

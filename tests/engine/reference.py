@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from flexgen_lab.engine.batch import BatchState
+from flexgen_lab.engine.cache_homes import cache_config
 from flexgen_lab.engine.compress import CompressionConfig, roundtrip
 from flexgen_lab.engine.policy import Policy
 from flexgen_lab.models import families, ops
@@ -67,10 +68,10 @@ def reference(spec: ModelSpec, source, policy: Policy, ids: torch.Tensor, mask: 
 
 def _greedy(spec, parts, policy, ids, mask, gen_len):
     fam, scale = families.get(spec.family), families.score_scale(spec)
-    cache_config = CompressionConfig(policy.compress_bits, policy.compress_group_size, -1)
+    config = cache_config(policy, spec)
 
     def stored(rows):  # what a past row reads back as: groups along head_dim
-        return roundtrip(rows, cache_config) if policy.compress_cache else rows
+        return roundtrip(rows, config) if policy.compress_cache else rows
 
     batch = BatchState(ids, mask, gen_len, torch.device("cpu"))
     cache = [{"k": None, "v": None} for _ in range(spec.num_layers)]  # stored (b, nkv, p, d)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexgen_lab.engine import compress
+from flexgen_lab.engine.cache_homes import cache_config, cache_group
 from flexgen_lab.engine.compress import (
     FP16_MAX,
     CompressionConfig,
@@ -19,6 +20,8 @@ from flexgen_lab.engine.compress import (
     quantize,
     roundtrip,
 )
+from flexgen_lab.engine.policy import Policy
+from flexgen_lab.models.spec import ModelSpec
 
 FP16_ROUND = 2.0**-11  # float16's relative rounding error (half an ulp)
 
@@ -230,8 +233,11 @@ def test_dequantize_writes_into_out():
     result = dequantize(c, out=out)
     assert result.data_ptr() == out.data_ptr()
     assert torch.equal(out, dequantize(c))
+    wide = dequantize(c, out=torch.empty(70, 12))  # float32: the math's own precision
+    assert wide.dtype == torch.float32 and torch.equal(wide.to(torch.bfloat16), out)
+    assert not torch.equal(wide, out.float())  # not a bfloat16 decode widened afterwards
     with pytest.raises(ValueError, match="dtype"):
-        dequantize(c, out=torch.empty(70, 12))
+        dequantize(c, out=torch.empty(70, 12, dtype=torch.float16))
 
 
 def decoded_by_the_layout(c) -> torch.Tensor:
@@ -304,3 +310,35 @@ def test_stored_forms_from_shapes_are_what_stored_arrays_makes(rows, cols, bits,
     made = stored_arrays(tensor, config, "w")
     forms = stored_forms((rows, cols), torch.float32, config)
     assert [(tuple(t.shape), t.dtype, per) for t, per in made.values()] == forms
+
+
+@pytest.mark.parametrize("head_dim, group, expected", [
+    (128, 64, 64), (64, 64, 64), (80, 64, 40), (16, 64, 16), (96, 64, 48), (80, 8, 8),
+    (81, 64, 64)])
+def test_cache_group_divides_head_dim(head_dim, group, expected):
+    assert cache_group(head_dim, group) == expected
+
+
+@given(head_dim=st.integers(1, 300), group=st.integers(1, 128).map(lambda g: 2 * g))
+def test_cache_group_is_the_largest_even_divisor_not_above_the_group(head_dim, group):
+    g = cache_group(head_dim, group)
+    assert g % 2 == 0 and g <= max(group, 2)
+    if head_dim % 2 == 0:
+        assert head_dim % g == 0 and g <= group
+        assert not any(head_dim % h == 0 for h in range(g + 2, min(head_dim, group) + 1, 2))
+    else:
+        assert g == group  # no even divisor: the policy's groups, padded
+
+
+def test_opt_2_7b_cache_rows_pack_without_padding():
+    """head_dim 80: groups of 40 store a 4-bit row in 48 bytes per head, where groups of 64
+    padded it to 128 codes (72 bytes), and decode no worse."""
+    spec = ModelSpec.from_name("opt-2.7b")
+    config = cache_config(Policy(compress_cache=True), spec)
+    padded = CompressionConfig(4, 64, -1)
+    row = (spec.num_kv_heads, spec.head_dim)
+    assert compressed_nbytes(row, config) == spec.num_kv_heads * 48
+    assert compressed_nbytes(row, padded) == spec.num_kv_heads * 72
+    torch.manual_seed(0)
+    x = torch.randn(16, *row)
+    assert (roundtrip(x, config) - x).abs().mean() < (roundtrip(x, padded) - x).abs().mean()

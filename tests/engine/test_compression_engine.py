@@ -10,8 +10,11 @@ import torch
 from flexgen_lab.engine.batch import Callbacks
 from flexgen_lab.engine.engine import Engine
 from flexgen_lab.engine.policy import Placement, Policy
+from flexgen_lab.engine.tiers import Tiers
 from flexgen_lab.models.spec import ModelSpec
 from flexgen_lab.models.weights import DummyWeights
+from flexgen_lab.planner.job import Job
+from flexgen_lab.planner.memory_model import peak_bytes
 from flexgen_lab.workload import synthetic_prompts
 from tests.engine.reference import reference
 
@@ -113,3 +116,35 @@ def test_cache_beyond_float16_saturates_as_the_reference_does(tmp_path):
     assert torch.isfinite(ours).all() and torch.isfinite(ref_logits).all()
     assert torch.equal(out.output_ids, ref_tokens)
     torch.testing.assert_close(ours, ref_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("placement", ["mixed", "delegated"])
+def test_half_cache_decodes_into_float32_on_a_cpu(placement, tmp_path):
+    """bfloat16 on a CPU: the compressed cache decodes into float32 buffers (where the CPU's
+    decode attention is fast, cache_homes.decoded_dtype), which the engine accounts and the
+    memory model counts to the byte (Job.compute_on_cpu); the logits stay those of the float32
+    reference to bfloat16's precision, up to the first step whose greedy token differs (8-bit
+    codes: a 4-bit code flipped by bfloat16 rounding would move them more than that)."""
+    spec = ModelSpec.from_name("llama-tiny")
+    source = DummyWeights(spec, seed=7)
+    ids, mask = synthetic_prompts(spec, BATCH, PROMPT_LEN, seed=3, varied_lengths=True)
+    policy = Policy(gpu_batch_size=BATCH, compress_cache=True, compress_bits=8,
+                    **PLACEMENTS[placement])
+    ref_tokens, ref_logits = reference(spec, source, policy, ids, mask, GEN_LEN)
+    seen, tiers = Logits(), Tiers(1 << 50, 1 << 50, 1 << 50, "cpu")
+    with Engine(spec, source, policy, dtype=torch.bfloat16, callbacks=seen, tiers=tiers,
+                offload_dir=tmp_path) as engine:
+        out = engine.generate(ids, mask, GEN_LEN)
+    job = Job(spec, policy, "zigzag", None, PROMPT_LEN, GEN_LEN, 2, compute_on_cpu=True)
+    assert peak_bytes(job) == tiers.peaks()
+    assert peak_bytes(job.replace(compute_on_cpu=False)) != tiers.peaks()  # half buffers
+    differs = (out.output_ids != ref_tokens).any(0).tolist() + [True]
+    upto = differs.index(True) + 1  # that step's logits still come from the same inputs
+    assert upto >= 3  # at least two decode steps over the decoded cache
+    ours = torch.stack([seen.seen[i] for i in range(GEN_LEN)], 1).float()
+    torch.testing.assert_close(ours[:, :upto], ref_logits[:, :upto], atol=HALF_LOGITS, rtol=0)
+
+
+# bfloat16 keeps 8 bits of mantissa: these logits (magnitude up to 4) move by up to 0.08
+# through the model in it (measured); an undecoded buffer or a lost new row moves them by units
+HALF_LOGITS = 0.15
