@@ -116,12 +116,16 @@ def cache_config(policy: Policy, spec) -> compress.CompressionConfig | None:
                                       cache_group(spec.head_dim, policy.compress_group_size), -1)
 
 
-def decoded_dtype(dtype: torch.dtype, on_cpu: bool) -> torch.dtype:
-    """The dtype a compressed cache decodes into for attention: float32 on a CPU when the
-    compute dtype is a half type (the decode's own math is float32, and a CPU's decode attention
-    over the token-major rows runs about 2x faster in float32 than in bfloat16: 38 vs 67 ms
-    decoding and attending b=16, 520 keys, 32 heads of 80, measured on this project's 2-core
-    machine), else the compute dtype (a GPU's half attention is its fast path)."""
+def decoded_dtype(dtype: torch.dtype, place: str, compute_on_cpu: bool) -> torch.dtype:
+    """The dtype a compressed cache decodes into for attention at `place` ("gpu": the compute
+    side; "cpu": delegated attention; compute_on_cpu: the compute side is a CPU as well).
+
+    float32 where attention runs on a CPU and the compute dtype is a half type (the decode's own
+    math is float32, and a CPU's decode attention over the token-major rows runs about 2x faster
+    in float32 than in bfloat16: 38 vs 67 ms decoding and attending b=16, 520 keys, 32 heads of
+    80, measured on this project's 2-core machine), else the compute dtype (a GPU's half
+    attention is its fast path). The engine's buffers and the memory model both ask here."""
+    on_cpu = place == "cpu" or compute_on_cpu
     return torch.float32 if on_cpu and dtype.itemsize < 4 else dtype
 
 

@@ -79,8 +79,8 @@ class CacheIO:
         tier, n = seg.tier, seg.seqs[1] - seg.seqs[0]
         key = (role, tier, slot)
         config = self.homes.config if stored else None
-        dtype = self.dtype if stored else decoded_dtype(
-            self.dtype, place == "cpu" or self.device.type == "cpu")
+        dtype = self.dtype if stored else decoded_dtype(self.dtype, place,
+                                                        self.device.type == "cpu")
         if key not in self._buffers:
             n_max = max(r[tier][1] - r[tier][0] for r in self.homes.ranges if tier in r)
             shapes = stored_shapes(self.homes.S, n_max, self.homes.spec, dtype, config)

@@ -225,7 +225,8 @@ class _Compressors:
                            device=self.device)
         packed = compress.quantize(rows, self._cache_config())
         # cache_io decodes the past into its dequant buffer, in the dtype attention reads
-        work = torch.empty_like(rows, dtype=decoded_dtype(self.dtype, self.device.type == "cpu"))
+        decoded = decoded_dtype(self.dtype, "gpu", self.device.type == "cpu")
+        work = torch.empty_like(rows, dtype=decoded)
         return lambda: [compress.dequantize(packed, out=work) for _ in "kv"]
 
     def quant_cache(self, size: int) -> Callable[[], object]:

@@ -165,12 +165,13 @@ def _cache(out, spec, policy, positions, dtype, offloaded, compute_on_cpu) -> No
             out["gpu"].add(var, 2 * b * per_seq)
     out["cpu"].add("cd", 4 * b * per_seq)  # read bounce + store stage
     if policy.compress_cache:  # dequantised k, v of each tier's segment, where it attends
-        def plain(on_cpu: bool) -> int:
-            return 2 * positions * spec.kv_dim * decoded_dtype(dtype, on_cpu).itemsize * b
-        out["gpu"].add("cg", plain(compute_on_cpu))
+        def plain(place: str) -> int:
+            decoded = decoded_dtype(dtype, place, compute_on_cpu)
+            return 2 * positions * spec.kv_dim * decoded.itemsize * b
+        out["gpu"].add("cg", plain("gpu"))
         for var in ("cc", "cd"):
             place = "cpu" if policy.cpu_delegation else "gpu"
-            out[place].add(var, plain(place == "cpu" or compute_on_cpu))
+            out[place].add(var, plain(place))
 
 
 def _activations(out, spec, policy, prompt_len, dtype, offloaded) -> None:
@@ -318,7 +319,7 @@ def _cache_items(spec: ModelSpec, policy: Policy, prompt_len: int, gen_len: int,
             out["gpu"] += 2 * stored  # two staging slots
         if config is not None:
             place = "cpu" if policy.cpu_delegation and tier != "gpu" else "gpu"
-            decoded = decoded_dtype(dtype, place == "cpu" or compute_on_cpu)
+            decoded = decoded_dtype(dtype, place, compute_on_cpu)
             out[place] += sum(nbytes_of(*x) for x in stored_shapes(S, n, spec, decoded,
                                                                   None).values())
     return out
