@@ -123,8 +123,22 @@ def quantize(x: torch.Tensor, config: CompressionConfig) -> Compressed:
     Values beyond float16's range (|x| > 65504, inf) saturate at +-65504: the KV cache, quantized
     every step, relies on that (checking would cost a host sync per step). Weights go through
     `check_fp16_range` first, which refuses them instead. NaN stays NaN within its group.
+    On a CPU, a tensor grouped along any axis but the first is quantized a few MB of rows at a
+    time (the KV cache, written every step): the float32 passes then stay in cache.
     """
     ax = _axis(x.dim(), config)
+    # rows (along axis 0, never the group axis) per pass: all on a GPU, ~_CODE_CHUNK elements here
+    row = math.prod(x.shape[1:])
+    step = x.shape[0] if x.is_cuda or ax == 0 else max(1, _CODE_CHUNK // max(1, row))
+    if step >= x.shape[0]:
+        return _quantize(x, config, ax)
+    parts = [_quantize(x[start:start + step], config, ax) for start in range(0, x.shape[0], step)]
+    return Compressed(torch.cat([p.data for p in parts]), torch.cat([p.scale_min for p in parts]),
+                      tuple(x.shape), x.dtype, config)
+
+
+def _quantize(x: torch.Tensor, config: CompressionConfig, ax: int) -> Compressed:
+    """quantize() in one pass over x (ax: the group axis, non-negative)."""
     g, q_max = config.group_size, config.q_max
     n = x.shape[ax]
     num_groups = ceil_div(n, g)
@@ -216,6 +230,8 @@ def dequantize(c: Compressed, out: torch.Tensor | None = None) -> torch.Tensor:
 # elements decoded per pass on a CPU: a 4 MB float32 intermediate, the fastest of 0.25-4 M
 # elements for an 8192 x 2048 weight on this project's 2-core machine
 _DECODE_CHUNK = 1 << 20
+# elements quantized per pass on a CPU (the same reason: float32 passes that stay in cache)
+_CODE_CHUNK = 1 << 20
 
 
 def _codes(data: torch.Tensor, bits: int, g: int) -> torch.Tensor:

@@ -282,6 +282,38 @@ def test_dequantize_decodes_the_documented_layout(shape, data, bits, group_size,
         assert result.data_ptr() == out.data_ptr()
 
 
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4), data=st.data(),
+       bits=st.sampled_from([4, 8]), group_size=st.sampled_from([2, 6, 64]),
+       chunk=st.sampled_from([1, 7, 40]))
+def test_quantize_in_chunks_equals_one_pass(shape, data, bits, group_size, chunk):
+    """A CPU quantizes a few MB of rows at a time (chunks of drawn size here, down to one row):
+    the codes and scales equal one pass over the whole tensor, for drawn shapes and axes."""
+    ax = data.draw(st.integers(-len(shape), len(shape) - 1))
+    shape[ax] = data.draw(st.integers(1, 3 * group_size))  # whole and padded groups
+    x = torch.randn(shape) * 4
+    config = CompressionConfig(bits=bits, group_size=group_size, group_dim=ax)
+    with mock.patch.object(compress, "_CODE_CHUNK", chunk):
+        chunked = quantize(x, config)
+    whole = compress._quantize(x, config, ax % len(shape))
+    assert torch.equal(chunked.data, whole.data)
+    assert torch.equal(chunked.scale_min, whole.scale_min)
+    assert chunked.shape == whole.shape == tuple(shape)
+
+
+def test_cache_rows_are_quantized_a_chunk_at_a_time():
+    """A prefill's cache rows (tokens, n, heads, head_dim) are quantized in pieces of at most
+    _CODE_CHUNK elements (rows along the token axis), not in one pass over every token."""
+    rows = torch.randn(40, 2, 3, 64)
+    seen = []
+    real = compress._quantize
+    with mock.patch.object(compress, "_CODE_CHUNK", 2 * 3 * 64 * 8), \
+            mock.patch.object(compress, "_quantize",
+                              side_effect=lambda x, *a: seen.append(x.shape[0]) or real(x, *a)):
+        quantize(rows, CompressionConfig(group_dim=-1))
+    assert seen == [8] * 5
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [(dict(bits=3), "bits=3"), (dict(bits=16), "bits=16"), (dict(group_size=0), "group_size=0"),
