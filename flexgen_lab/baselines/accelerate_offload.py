@@ -106,6 +106,20 @@ def load(path: Path, dtype: torch.dtype, device_map: dict, offload: Path):
     return model.eval()
 
 
+def dispatched(model, budgets: dict[str, int], device: torch.device, dtype: torch.dtype,
+               offload: Path):
+    """A model already built in host memory, placed by Accelerate under the budgets without a
+    checkpoint (what a user with the model in memory does; the paper's GPU baseline): on CUDA
+    what does not fit device 0 stays in host memory and is copied to the GPU as its module
+    runs; on a CPU what does not fit goes to `offload` (Accelerate's disk). Returns (model,
+    parameter bytes per our tier)."""
+    from accelerate import dispatch_model
+
+    device_map = plan(model, max_memory(budgets, device), dtype)
+    placed = achieved_bytes(model, device_map, device)
+    return dispatch_model(model, device_map, offload_dir=str(offload)).eval(), placed
+
+
 def run(spec, weights, ids, mask, gen_len: int, batch_size: int, device: torch.device,
         dtype: torch.dtype, budgets: dict[str, int], offload_dir: str):
     """Load under the budgets, generate, and report (Generation, the row's columns)."""

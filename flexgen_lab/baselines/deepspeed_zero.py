@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from contextlib import contextmanager
 
 import torch
 
@@ -69,30 +70,42 @@ def _single_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def run(spec, weights, ids, mask, gen_len: int, batch_size: int, device: torch.device,
-        dtype: torch.dtype, budgets: dict[str, int], offload_dir: str):
-    """Load partitioned onto the offload device, generate, report (Generation, columns)."""
+@contextmanager
+def loaded(spec, weights, dtype: torch.dtype, budgets: dict[str, int], offload_dir: str,
+           batch_size: int):
+    """The model partitioned onto its offload device (ZeRO stage 3), alive for the block:
+    yields (model, the tier holding the parameters, their bytes). Loading is the slow part
+    (every parameter partitioned and pinned), so a benchmark generates several times in it."""
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
-
-    from flexgen_lab.baselines.rss import PeakRssSplit
 
     path = checkpoint_dir(weights, spec, dtype, offload_dir)
     total = sum(p.numel() * p.element_size() for p in meta_model(path, dtype).parameters())
     offload = "cpu" if total <= budgets["cpu"] else "nvme"
     _single_process_env()
     deepspeed.init_distributed()
-    torch.cuda.reset_peak_memory_stats(device)
-    with scratch_dir(offload_dir) as nvme, PeakRssSplit() as rss:
+    with scratch_dir(offload_dir) as nvme:
         config = ds_config(dtype, spec.hidden, batch_size, offload, str(nvme))
         keep = HfDeepSpeedConfig(config)  # noqa: F841 (must be alive while the model loads)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         engine = deepspeed.initialize(model=model, config_params=config)[0]
         engine.module.eval()
-        gen = hf_generate.generate(engine.module, ids, mask, gen_len, batch_size, device)
-        del engine, model
-    tier = "cpu" if offload == "cpu" else "disk"
+        try:
+            yield engine.module, "cpu" if offload == "cpu" else "disk", total
+        finally:
+            del engine, model
+
+
+def run(spec, weights, ids, mask, gen_len: int, batch_size: int, device: torch.device,
+        dtype: torch.dtype, budgets: dict[str, int], offload_dir: str):
+    """Load partitioned onto the offload device, generate, report (Generation, columns)."""
+    from flexgen_lab.baselines.rss import PeakRssSplit
+
+    torch.cuda.reset_peak_memory_stats(device)
+    with PeakRssSplit() as rss, loaded(spec, weights, dtype, budgets, offload_dir,
+                                       batch_size) as (model, tier, total):
+        gen = hf_generate.generate(model, ids, mask, gen_len, batch_size, device)
     report = {"weights": {t: {"asked": None, "achieved": total if t == tier else 0}
                           for t in TIERS}}
     return gen, {
