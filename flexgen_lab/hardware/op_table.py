@@ -18,6 +18,11 @@ decode attention) with random weights over a grid of sizes fixed here, before an
     dequant_head      on a CPU, so one bytes/s figure misses it)
     dequant_cache     dequantising past keys and values: size = batch x keys
     quant_cache       quantising the keys and values a step stores: size = batch x tokens
+    attention_decode_decoded
+                      attention_decode over a compressed cache's decoded past, in the dtype
+                      it decodes into (cache_homes.decoded_dtype): measured only where that
+                      differs from the compute dtype (a half type on a CPU, which attends in
+                      float32, about 2x faster there); elsewhere attention_decode stands
 
 The compression operators are measured at 4 bits in groups of 64 (the paper's setting) and
 are optional in a stored table: without them the cost model uses the profile's dequant_rate.
@@ -50,7 +55,7 @@ from flexgen_lab.models.weights import loaded_shapes
 
 OPS = ("dense", "attention_decode", "attention_prefill", "head", "embed")
 COMPRESSION_OPS = ("dequant_layer", "dequant_embed", "dequant_head", "dequant_cache",
-                   "quant_cache")
+                   "quant_cache", "attention_decode_decoded")
 MIN_SAMPLE_S = 0.05  # short calls are repeated until they add up to this
 MAX_CALL_S = 0.5  # a grid stops growing past a call this long: beyond it time is linear
 GRID_EXPONENTS = {  # log2 of the sizes measured per op (full grid; quick takes every other)
@@ -62,6 +67,7 @@ GRID_EXPONENTS = {  # log2 of the sizes measured per op (full grid; quick takes 
     "dequant_layer": range(0, 1), "dequant_embed": range(0, 1), "dequant_head": range(0, 1),
     "dequant_cache": range(5, 18),  # batch x keys, as attention_decode
     "quant_cache": range(0, 13),  # batch x tokens, as dense
+    "attention_decode_decoded": range(5, 18),  # as attention_decode
 }
 DEQUANT_CONFIG = (4, 64)  # bits, group size
 
@@ -168,12 +174,15 @@ class _Operators:
         mask = ops.attention_mask(key_mask, keys - queries, queries)
         return lambda: ops.attention(q, k, v, mask, self.scale)
 
-    def attention_decode(self, size: int) -> Callable[[], object]:
-        """The engine's decode attention (engine/attention.py: a token-major cache)."""
+    def attention_decode(self, size: int, dtype: torch.dtype | None = None
+                         ) -> Callable[[], object]:
+        """The engine's decode attention (engine/attention.py: a token-major cache), in the
+        compute dtype or `dtype` (a compressed cache's decoded past)."""
         keys = min(size, 1024)  # sizes above it grow the batch: batch x keys is what counts
         batch, s, d = max(1, size // keys), self.spec, self.spec.head_dim
-        q = torch.randn(batch, s.num_heads, 1, d, dtype=self.dtype, device=self.device)
-        k = torch.randn(keys, batch, s.num_kv_heads, d, dtype=self.dtype, device=self.device)
+        dtype = dtype or self.dtype
+        q = torch.randn(batch, s.num_heads, 1, d, dtype=dtype, device=self.device)
+        k = torch.randn(keys, batch, s.num_kv_heads, d, dtype=dtype, device=self.device)
         v = torch.randn_like(k)
         key_mask = torch.ones(batch, keys, dtype=torch.bool, device=self.device)
         return lambda: decode_attention(q, k, v, key_mask, self.scale)
@@ -198,8 +207,12 @@ class _Compressors:
     reuses; cache_homes.unpack: past keys and values; cache_homes.stored: the keys and values
     a step stores)."""
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                 operators: _Operators):
         self.spec, self.dtype, self.device = spec, dtype, device
+        self.operators = operators
+        # what cache_io decodes the past into, in the dtype attention reads
+        self.decoded = decoded_dtype(dtype, "gpu", device.type == "cpu")
 
     def _part(self, part: str) -> Callable[[], object]:
         config = compress.CompressionConfig(*DEQUANT_CONFIG, 0)  # as weight homes pack
@@ -224,9 +237,7 @@ class _Compressors:
         rows = torch.randn(keys, batch, s.num_kv_heads, s.head_dim, dtype=self.dtype,
                            device=self.device)
         packed = compress.quantize(rows, self._cache_config())
-        # cache_io decodes the past into its dequant buffer, in the dtype attention reads
-        decoded = decoded_dtype(self.dtype, "gpu", self.device.type == "cpu")
-        work = torch.empty_like(rows, dtype=decoded)
+        work = torch.empty_like(rows, dtype=self.decoded)  # cache_io's dequant buffer
         return lambda: [compress.dequantize(packed, out=work) for _ in "kv"]
 
     def quant_cache(self, size: int) -> Callable[[], object]:
@@ -235,6 +246,9 @@ class _Compressors:
                            device=self.device)
         config = self._cache_config()
         return lambda: [compress.quantize(rows, config) for _ in "kv"]
+
+    def attention_decode_decoded(self, size: int) -> Callable[[], object]:
+        return self.operators.attention_decode(size, self.decoded)
 
     def _cache_config(self) -> compress.CompressionConfig:
         """As cache homes pack (cache_homes.cache_config: groups dividing head_dim)."""
@@ -247,10 +261,12 @@ def measure_table(spec: ModelSpec, dtype: torch.dtype, device: torch.device, qui
     """Time every operator over its grid (median of a few calls after a warm-up)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     operators, repeats = _Operators(spec, dtype, device), 2 if quick else 3
-    compressors = _Compressors(spec, dtype, device)
+    compressors = _Compressors(spec, dtype, device, operators)
     points = {}
     with torch.inference_mode():
         for op in (*OPS, *COMPRESSION_OPS):
+            if op == "attention_decode_decoded" and compressors.decoded == dtype:
+                continue  # attention_decode is that time
             source = compressors if op in COMPRESSION_OPS else operators
             exponents = list(GRID_EXPONENTS[op])[:: 2 if quick else 1]
             points[op] = []

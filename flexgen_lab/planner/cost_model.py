@@ -110,7 +110,8 @@ def step_seconds(spec: ModelSpec, policy: Policy, profile: HardwareProfile, part
            "overhead": profile.step_overhead_s or 0.0}
     table = profile.op_table(spec, dtype_bytes)
     if table is not None:
-        out.update(table_terms(table, part, rows, tokens, keys, cpu_rows, phase))
+        out.update(table_terms(table, part, rows, tokens, keys, cpu_rows, phase,
+                               policy.compress_cache))
     else:
         out.update(flop_terms(spec, profile, part, rows, tokens, keys, cpu_rows, phase,
                               dtype_bytes))
@@ -155,15 +156,18 @@ def quant_cache_seconds(table: OpTable, profile: HardwareProfile, spec: ModelSpe
 
 
 def table_terms(table: OpTable, part: str, rows: int, tokens: int, keys: float,
-                cpu_rows: float, phase: str) -> dict[str, float]:
+                cpu_rows: float, phase: str, compressed_cache: bool = False) -> dict[str, float]:
     """matmul and attention seconds looked up in the profile's operator table (measured at
     this model's shapes; hardware/op_table.py): the part's dense operators on rows x tokens
     token rows (the head on the last position only), attention on its batch x keys (decode)
-    or batch x prompt x prompt (prefill) over the sequences not delegated."""
+    or batch x prompt x prompt (prefill) over the sequences not delegated. A compressed cache
+    is attended in the dtype it decodes into, where the table has that time."""
     if part != "layer":
         return {"matmul": table.seconds(part, rows if part == "head" else rows * tokens)}
+    decode = ("attention_decode_decoded" if compressed_cache
+              and table.has("attention_decode_decoded") else "attention_decode")
     attention = (table.seconds("attention_prefill", rows * tokens * keys) if phase == "prefill"
-                 else table.seconds("attention_decode", (rows - cpu_rows) * keys))
+                 else table.seconds(decode, (rows - cpu_rows) * keys))
     return {"matmul": table.seconds("dense", rows * tokens), "attention": attention}
 
 

@@ -46,9 +46,11 @@ SPEED_GROUPS = {
 }
 # fitted factor -> the operator-table ops it speeds up (profiles with tables, from calibrate)
 TABLE_GROUPS = {"op_dense": ("dense", "embed"),
-                "op_attention": ("attention_decode", "attention_prefill"),
+                "op_attention": ("attention_decode", "attention_prefill",
+                                 "attention_decode_decoded"),
                 "op_head": ("head",),
-                "op_dequant": COMPRESSION_OPS}
+                "op_dequant": tuple(op for op in COMPRESSION_OPS if op.startswith(
+                    ("dequant", "quant")))}
 OVERHEAD_RANGE = (1e-7, 0.1)  # seconds per compute step
 STARTING_OVERHEADS = (1e-6, 1e-4, 1e-3)
 PRIOR_WEIGHT = 0.03  # pull of log(factor) towards 0 (the micro-benchmark), per factor

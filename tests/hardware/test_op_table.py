@@ -59,7 +59,8 @@ def test_lookup_is_exact_on_the_grid_linear_between_and_proportional_beyond(poin
 def test_a_measured_table_covers_every_operator_at_the_models_shapes():
     spec = ModelSpec.from_name("llama-tiny")
     measured = measure_table(spec, torch.float32, torch.device("cpu"), quick=True)
-    assert set(measured.points) == set(OPS) | set(COMPRESSION_OPS)
+    # float32 attends a decoded cache in float32: attention_decode is that time
+    assert set(measured.points) == set(OPS) | set(COMPRESSION_OPS) - {"attention_decode_decoded"}
     for op, points in measured.points.items():
         sizes = [s for s, _ in points]
         assert sizes == sorted(sizes) and all(s & (s - 1) == 0 for s in map(int, sizes)), op
@@ -88,6 +89,33 @@ def test_the_cost_model_reads_the_table_of_the_models_shapes():
     # another dtype's table is not this one's
     assert predict(job.replace(profile=hw.replace(
         op_tables={shape_key(spec, 4): table()}))).decode_s == flops.decode_s
+
+
+def test_a_half_precision_table_on_a_cpu_times_attention_over_a_decoded_cache():
+    """bfloat16 on a CPU: a compressed cache decodes into float32 and attends there
+    (cache_homes.decoded_dtype), so the table holds that time beside attention_decode."""
+    measured = measure_table(ModelSpec.from_name("llama-tiny"), torch.bfloat16,
+                             torch.device("cpu"), quick=True)
+    assert measured.has("attention_decode_decoded")
+    assert all(t > 0 for _, t in measured.points["attention_decode_decoded"])
+
+
+def test_a_compressed_cache_is_attended_at_the_decoded_dtypes_time():
+    """Decode attention reads attention_decode_decoded where the cache is compressed and the
+    table has it; an uncompressed cache, prefill and a table without it read attention_decode."""
+    spec, hw = ModelSpec.from_name("opt-125m"), profile("t4-paper")
+    halved = tuple((s, t / 2) for s, t in table().points["attention_decode"])
+    both = OpTable({**table().points, "attention_decode_decoded": halved})
+    policy = Policy(gpu_batch_size=8, compress_cache=True)
+    job = Job(spec, policy, "zigzag", hw.replace(op_tables={shape_key(spec, 2): both}), 64, 8)
+    plain = job.replace(profile=hw.replace(op_tables={shape_key(spec, 2): table()}))
+    compressed, reference = predict(job).terms, predict(plain).terms
+    assert compressed["decode"]["attention"] == pytest.approx(
+        reference["decode"]["attention"] / 2)
+    assert compressed["prefill"]["attention"] == reference["prefill"]["attention"]
+    uncompressed = dataclasses.replace(policy, compress_cache=False)
+    assert predict(job.with_policy(uncompressed)).terms["decode"]["attention"] == \
+        reference["decode"]["attention"]
 
 
 def test_dequantisation_is_read_from_the_table_where_it_has_it():
